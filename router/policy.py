@@ -1,0 +1,232 @@
+"""Routing policy: final complexity score -> compression ratio 32x / 16x / 8x.
+
+``score < low -> 32x``, ``low <= score < high -> 16x``, ``score >= high -> 8x``.
+
+Default thresholds (``low=4.5``, ``high=6.5``) put a plain sky or flat clip art at 32x, ordinary
+photos at 16x, and charts, text and faces (rating plus flag lifts) at 8x with the default router
+model and :class:`~router.scores.CombinationRule`. They are a starting point: calibrate to a
+token budget (``calibrate(scores, target_mean_tokens=...)``) or to oracle labels from eval/
+(``calibrate(scores, oracle_ratios=...)``) and save the thresholds as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from router.scores import ComplexityScore
+
+RATIOS = (8, 16, 32)
+SOURCE_OVERRIDE = "override"
+
+
+@dataclass
+class RoutingDecision:
+    """Which ratio one image gets and why.
+
+    Args:
+        ratio: 8, 16 or 32.
+        score: the final complexity score used (None when the ratio was overridden).
+        source: what decided: ``"caption_llm"``, ``"image_jpeg_bpp"`` or ``"override"``.
+        complexity: the full :class:`ComplexityScore` when there was one.
+    """
+
+    ratio: int
+    score: float | None
+    source: str
+    complexity: ComplexityScore | None = None
+
+
+def tokens_for(ratio: int, image_size: int | tuple[int, int]) -> int:
+    """Latent tokens of an image at ``ratio``: (Hp / r) * (Wp / r), Hp/Wp padded to multiples of 32."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    padded_h = math.ceil(height / 32) * 32
+    padded_w = math.ceil(width / 32) * 32
+    return (padded_h // ratio) * (padded_w // ratio)
+
+
+def _score_values(scores: Sequence[ComplexityScore | float]) -> np.ndarray:
+    values = np.array([s.score if isinstance(s, ComplexityScore) else float(s) for s in scores], dtype=float)
+    if values.size == 0:
+        raise ValueError("calibration needs at least one score")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("calibration scores must be finite numbers")
+    return values
+
+
+@dataclass
+class RoutingPolicy:
+    """Thresholds on the final score.
+
+    Args:
+        low: scores below ``low`` go to 32x (coarsest, fewest tokens).
+        high: scores at or above ``high`` go to 8x (finest, most tokens); between: 16x.
+    """
+
+    low: float = 4.5
+    high: float = 6.5
+
+    def __post_init__(self):
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            raise ValueError(f"thresholds need low <= high, got low={self.low}, high={self.high}")
+
+    def route(self, score: ComplexityScore | float) -> int:
+        """Ratio for one score."""
+        value = score.score if isinstance(score, ComplexityScore) else float(score)
+        if value < self.low:
+            return 32
+        if value < self.high:
+            return 16
+        return 8
+
+    def decide(
+        self,
+        score: ComplexityScore | float | None,
+        image=None,
+        override_ratio: int | None = None,
+    ) -> RoutingDecision:
+        """Pick a ratio: an explicit override wins, then the caption score, then the image fallback.
+
+        Args:
+            score: the caption's score, or None when the image has no caption.
+            image: PIL image (or anything ``cat_tokenizer.images.load_image`` reads), used for the
+                JPEG bits-per-pixel fallback when ``score`` is None.
+            override_ratio: force this ratio (8, 16 or 32).
+        """
+        if override_ratio is not None:
+            if override_ratio not in RATIOS:
+                raise ValueError(f"override_ratio must be one of {RATIOS}, got {override_ratio!r}")
+            return RoutingDecision(ratio=int(override_ratio), score=None, source=SOURCE_OVERRIDE)
+        if score is None:
+            if image is None:
+                raise ValueError("decide() needs a caption score, an image for the fallback, or override_ratio")
+            from router.fallback import image_complexity_score
+
+            score = image_complexity_score(image)
+        if isinstance(score, ComplexityScore):
+            return RoutingDecision(self.route(score), score.score, score.source, complexity=score)
+        return RoutingDecision(self.route(score), float(score), "given")
+
+    def mean_tokens(self, scores: Sequence[ComplexityScore | float], image_size=256) -> float:
+        """Mean latent tokens over ``scores`` when every image has size ``image_size``."""
+        return float(np.mean([tokens_for(self.route(s), image_size) for s in scores]))
+
+    # ---- calibration -------------------------------------------------------------------------
+
+    @classmethod
+    def calibrate(
+        cls,
+        scores: Sequence[ComplexityScore | float],
+        target_mean_tokens: float | None = None,
+        oracle_ratios: Sequence[int] | None = None,
+        image_size: int | tuple[int, int] = 256,
+        base: RoutingPolicy | None = None,
+    ) -> RoutingPolicy:
+        """Fit thresholds to a token budget or to oracle labels (give exactly one of the two).
+
+        Args:
+            scores: final scores of a dataset (ComplexityScore or floats).
+            target_mean_tokens: the dataset's mean tokens per image should be as close as possible
+                to this (e.g. ``tokens_for(16, 256)`` = "same budget as fixed 16x"). Two thresholds
+                but one budget: the gap ``high - low`` of ``base`` is kept and both shift together,
+                which makes mean tokens monotone in the shift; the shift closest to the budget wins.
+            oracle_ratios: per score, the smallest-token ratio whose reconstruction meets the
+                quality bar (computed by eval/). Thresholds maximise exact agreement; ties go to
+                fewer images routed coarser than their oracle (quality misses).
+            image_size: image size used to count tokens for the budget (int or (H, W)).
+            base: policy whose threshold gap is kept for budget calibration (default: defaults).
+        """
+        if (target_mean_tokens is None) == (oracle_ratios is None):
+            raise ValueError("calibrate() takes exactly one of target_mean_tokens or oracle_ratios")
+        values = _score_values(scores)
+        if target_mean_tokens is not None:
+            return cls._fit_budget(values, float(target_mean_tokens), image_size, base or cls())
+        return cls._fit_oracle(values, oracle_ratios)
+
+    @classmethod
+    def _fit_budget(cls, values: np.ndarray, target: float, image_size, base: RoutingPolicy) -> RoutingPolicy:
+        token_counts = {ratio: tokens_for(ratio, image_size) for ratio in RATIOS}
+        lowest, highest = token_counts[32], token_counts[8]
+        if not lowest <= target <= highest:
+            raise ValueError(
+                f"target_mean_tokens={target} is outside what routing can reach at this size "
+                f"({lowest} at all-32x .. {highest} at all-8x)"
+            )
+        gap = base.high - base.low
+        # Mean tokens only change when a threshold crosses a score, so these shifts (placing
+        # ``low`` or ``high`` just above / at each score) cover every reachable budget.
+        candidates = np.unique(np.concatenate([values - base.low, values - base.high]))
+        candidates = np.concatenate([candidates, candidates + 1e-6, [candidates.min() - 1.0, candidates.max() + 1.0]])
+        best, best_error = None, math.inf
+        for shift in np.sort(candidates):
+            low = base.low + shift
+            high = low + gap
+            ratios = np.where(values < low, 32, np.where(values < high, 16, 8))
+            mean = np.mean([token_counts[r] for r in ratios])
+            error = abs(mean - target)
+            if error < best_error - 1e-9:
+                best, best_error = (float(low), float(high)), error
+        return cls(low=best[0], high=best[1])
+
+    @classmethod
+    def _fit_oracle(cls, values: np.ndarray, oracle_ratios: Sequence[int]) -> RoutingPolicy:
+        oracle = np.asarray(list(oracle_ratios), dtype=int)
+        if oracle.shape != values.shape:
+            raise ValueError(f"got {values.size} scores but {oracle.size} oracle ratios")
+        bad = sorted(set(oracle.tolist()) - set(RATIOS))
+        if bad:
+            raise ValueError(f"oracle ratios must be in {RATIOS}, got {bad}")
+        order = np.argsort(values, kind="stable")
+        sorted_values, sorted_oracle = values[order], oracle[order]
+        # Threshold candidates: below everything, between distinct neighbours, above everything.
+        distinct = np.unique(sorted_values)
+        cuts = np.concatenate([[distinct[0] - 1.0], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + 1.0]])
+        # cut_index[c] = number of scores below cut c.
+        cut_index = np.searchsorted(sorted_values, cuts, side="left")
+        prefix = {r: np.concatenate([[0], np.cumsum(sorted_oracle == r)]) for r in RATIOS}
+        # "Too coarse" = routed to a bigger ratio than the oracle allows.
+        coarse_if_32 = np.concatenate([[0], np.cumsum(sorted_oracle < 32)])
+        coarse_if_16 = np.concatenate([[0], np.cumsum(sorted_oracle < 16)])
+        n = len(sorted_values)
+        best, best_key = None, None
+        for i, low_idx in enumerate(cut_index):
+            high_idx = cut_index[i:]
+            agree = (
+                prefix[32][low_idx]
+                + prefix[16][high_idx]
+                - prefix[16][low_idx]
+                + prefix[8][n]
+                - prefix[8][high_idx]
+            )
+            misses = coarse_if_32[low_idx] + coarse_if_16[high_idx] - coarse_if_16[low_idx]
+            j = int(np.lexsort((misses, -agree))[0])
+            key = (-int(agree[j]), int(misses[j]))
+            if best_key is None or key < best_key:
+                best_key, best = key, (float(cuts[i]), float(cuts[i + j]))
+        return cls(low=best[0], high=best[1])
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the thresholds as JSON."""
+        Path(path).write_text(json.dumps({"format": "cat-router-policy-v1", **asdict(self)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingPolicy:
+        """Read thresholds written by :meth:`save`."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: cannot read routing policy JSON ({error})") from error
+        if not isinstance(data, dict) or "low" not in data or "high" not in data:
+            raise ValueError(f"{path}: a routing policy needs numeric 'low' and 'high' keys")
+        try:
+            return cls(low=float(data["low"]), high=float(data["high"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error

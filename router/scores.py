@@ -1,0 +1,223 @@
+"""What a complexity score is, how the LLM is asked for it, and how its parts combine.
+
+Everything both backends (transformers, vLLM) must agree on lives here, so the two can only
+differ in how they run the model:
+
+* :class:`ComplexityScore`, the result type;
+* :class:`ComplexityScorer`, the interface every scorer implements;
+* the prompt (:data:`INSTRUCTION`, :data:`QUERIES`, :data:`PROMPT_VERSION`) and
+  :func:`build_prompt_parts`, which renders it with the model's chat template;
+* :class:`CombinationRule`, the one documented rule that turns the LLM rating and the perception
+  flags into the final score.
+
+Prompt layout (why it looks like this): the long instruction comes first and the caption last,
+so the rendered text up to the caption is identical for every caption and its KV cache can be
+computed once. After the caption come the end of the user turn and the assistant header (shared
+by all queries of one caption), and then a two-token "answer key" per query (``complexity:``,
+``text:``, ...). The model's next token after the key is the answer, read from next-token
+probabilities: digits ``1``..``9`` for the rating, ``yes``/``no`` for the flags.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Bump whenever INSTRUCTION, QUERIES or the layout changes: cached scores are keyed by it.
+PROMPT_VERSION = "cat-router-v1"
+
+SOURCE_CAPTION_LLM = "caption_llm"
+SOURCE_IMAGE_JPEG_BPP = "image_jpeg_bpp"
+
+DIGITS = tuple(str(d) for d in range(1, 10))
+YES_NO = ("yes", "no")
+
+INSTRUCTION = (
+    "You rate how visually complex an image is, judging only from its caption. "
+    "An image compressor will spend more tokens on complex images, so think about how hard the "
+    "image is to reconstruct without a visible loss: its semantic content, the amount of fine "
+    "detail and texture, the number of distinct objects, and what human perception is most "
+    "sensitive to (readable text, human faces, thin lines and small labels in charts or diagrams).\n"
+    "Scale: 1 = a flat uniform area (a plain wall, a clear sky); 3 = a simple object on a plain "
+    "background or flat clip art; 5 = an ordinary photo with a few objects; 7 = a busy scene, a "
+    "portrait with facial detail, or a chart with labels; 9 = extremely dense detail such as small "
+    "printed text or a crowded diagram.\n"
+    "Answer in exactly this format:\n"
+    "complexity: <one digit 1-9>\n"
+    "text: <yes if the image contains readable text, otherwise no>\n"
+    "faces: <yes if the image shows a human face, otherwise no>\n"
+    "charts: <yes if the image is a chart, diagram, plot or drawing with fine lines, otherwise no>\n"
+    "\nCaption:\n"
+)
+
+# Query name -> answer key the assistant turn starts with. "complexity" is the rating; the
+# others are the perception flags reported as P(yes).
+RATING_QUERY = "complexity"
+FLAG_QUERIES = ("text", "faces", "charts")
+QUERIES = {RATING_QUERY: "complexity:", "text": "text:", "faces": "faces:", "charts": "charts:"}
+
+# Stand-in used to find where the caption goes in the rendered chat template.
+_CAPTION_SLOT = "\u2063CAPTION\u2063"
+
+
+@dataclass
+class ComplexityScore:
+    """Visual complexity of one image, predicted from its caption (or its pixels as a fallback).
+
+    Args:
+        score: final score in [1, 9] after :class:`CombinationRule` (what routing uses).
+        rating: expected value of the LLM's 1-9 digit, in [1, 9].
+        distribution: the LLM's probabilities of the digits 1..9 (nine floats summing to 1).
+        flags: perception flag name -> P(yes) in [0, 1] (``text``, ``faces``, ``charts``).
+        source: what decided the score: ``"caption_llm"`` or ``"image_jpeg_bpp"``.
+    """
+
+    score: float
+    rating: float
+    distribution: list[float] = field(default_factory=list)
+    flags: dict[str, float] = field(default_factory=dict)
+    source: str = SOURCE_CAPTION_LLM
+
+    def to_dict(self) -> dict:
+        return {
+            "score": self.score,
+            "rating": self.rating,
+            "distribution": list(self.distribution),
+            "flags": dict(self.flags),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ComplexityScore:
+        return cls(
+            score=float(data["score"]),
+            rating=float(data["rating"]),
+            distribution=[float(p) for p in data.get("distribution", [])],
+            flags={str(k): float(v) for k, v in data.get("flags", {}).items()},
+            source=str(data.get("source", SOURCE_CAPTION_LLM)),
+        )
+
+
+@dataclass
+class CombinationRule:
+    """How the LLM rating and the perception flags combine into the final score.
+
+    ``score = clip(rating + sum_f flag_lifts[f] * P_f(yes), 1, 9)``
+
+    Why additive lifts: the rating alone under-rates captions that mention things human perception
+    is sensitive to (small text, faces, thin chart lines), which need the finer ratios even when the
+    scene is otherwise simple. A lift is the number of score points a certain "yes" adds. Set a lift
+    to 0 to ignore that flag, or all to 0 to use the raw rating.
+
+    Args:
+        flag_lifts: flag name -> score points added at P(yes) = 1. Defaults were chosen on the
+            devset so that captions of charts, text and faces average above clip art and photos
+            (see the router README table); they are not fitted to reconstruction quality.
+    """
+
+    flag_lifts: dict[str, float] = field(default_factory=lambda: {"text": 1.5, "faces": 1.0, "charts": 1.0})
+
+    def combine(self, rating: float, flags: Mapping[str, float]) -> float:
+        lifted = rating + sum(lift * flags.get(name, 0.0) for name, lift in self.flag_lifts.items())
+        return min(9.0, max(1.0, lifted))
+
+
+def expected_rating(distribution: Sequence[float]) -> float:
+    """Expected digit (1..9) under a 9-way distribution."""
+    if len(distribution) != 9:
+        raise ValueError(f"a rating distribution has 9 entries (digits 1..9), got {len(distribution)}")
+    return float(sum((digit + 1) * p for digit, p in enumerate(distribution)))
+
+
+def softmax(logits: Sequence[float]) -> list[float]:
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def make_score(
+    distribution: Sequence[float], flags: Mapping[str, float], rule: CombinationRule | None = None
+) -> ComplexityScore:
+    """Build a caption score from the LLM's digit distribution and flag probabilities."""
+    rule = rule or CombinationRule()
+    rating = expected_rating(distribution)
+    return ComplexityScore(
+        score=rule.combine(rating, flags),
+        rating=rating,
+        distribution=[float(p) for p in distribution],
+        flags={name: float(p) for name, p in flags.items()},
+        source=SOURCE_CAPTION_LLM,
+    )
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """The rendered prompt split at the caption.
+
+    Args:
+        prefix: text before the caption, identical for every caption (its KV cache is shared).
+        caption_suffix: text after the caption up to the assistant's first token (end of the
+            user turn and the assistant header), shared by all queries of a caption.
+        answer_keys: query name -> text the assistant turn starts with; the next token is the answer.
+    """
+
+    prefix: str
+    caption_suffix: str
+    answer_keys: dict[str, str]
+
+    def full_text(self, caption: str, query: str) -> str:
+        return self.prefix + caption + self.caption_suffix + self.answer_keys[query]
+
+
+def clean_caption(caption: str) -> str:
+    """Collapse whitespace so a caption cannot break the prompt layout (and caches match)."""
+    return " ".join(str(caption).split())
+
+
+def build_prompt_parts(tokenizer=None) -> PromptParts:
+    """Render the prompt with the tokenizer's chat template (when it has one) and split it.
+
+    Without a chat template a plain "User:/Assistant:" layout is used.
+    """
+    messages = [{"role": "user", "content": INSTRUCTION + _CAPTION_SLOT}]
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if template:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        rendered = f"User: {INSTRUCTION}{_CAPTION_SLOT}\nAssistant:"
+    if rendered.count(_CAPTION_SLOT) != 1:
+        raise ValueError("the chat template must render the user message exactly once")
+    prefix, caption_suffix = rendered.split(_CAPTION_SLOT)
+    return PromptParts(prefix=prefix, caption_suffix=caption_suffix, answer_keys=dict(QUERIES))
+
+
+class ComplexityScorer(abc.ABC):
+    """Scores captions. Implementations: transformers (default) and vLLM backends, cache wrapper.
+
+    Attributes:
+        model_id: names the model (and so, with :data:`PROMPT_VERSION`, the cache key).
+        rule: the :class:`CombinationRule` applied to every score.
+    """
+
+    model_id: str = "unknown"
+    rule: CombinationRule
+
+    @abc.abstractmethod
+    def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:
+        """Run the model: per caption, the 9-way digit distribution and flag P(yes)."""
+
+    def score(self, captions: list[str]) -> list[ComplexityScore]:
+        """Score captions (any number; batching is the backend's business)."""
+        if isinstance(captions, str):
+            raise TypeError("score() takes a list of captions, not a single string")
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(
+                    f"caption {index} is empty or not a string ({caption!r}); use "
+                    "router.image_complexity_score(image) for images without a caption"
+                )
+        raw = self.score_raw([clean_caption(c) for c in captions])
+        return [make_score(dist, flags, self.rule) for dist, flags in raw]

@@ -1,0 +1,26 @@
+"""Tiny real models for the API tests: a random NestedVAE and a random Llama router (both built here)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    from cat_tokenizer.testing import build_tiny_vae
+
+    return build_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from router.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_vae_dir, tiny_llama_dir):
+    from cat_tokenizer import CATTokenizer
+
+    return CATTokenizer.from_pretrained(vae=tiny_vae_dir, router=str(tiny_llama_dir), device="cpu")

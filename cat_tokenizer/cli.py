@@ -137,6 +137,19 @@ def _prepare_out_dir(out_dir: Path) -> None:
         raise FatalError(f"output folder {out_dir} is not writable: {error.strerror or error}") from None
 
 
+def _use_cpu(device: str | None) -> bool:
+    """Whether the accelerate state should be CPU-only (gloo between processes when launched).
+
+    accelerate only forms a multi-process CPU group when asked to (``PartialState(cpu=True)``),
+    so ask whenever there is no GPU, ``--device cpu`` was given, or the launcher set
+    ``ACCELERATE_USE_CPU``.
+    """
+    import torch
+
+    wanted = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return wanted or (device is not None and device.startswith("cpu")) or not torch.cuda.is_available()
+
+
 def _run_settings(args, policy) -> dict:
     vae = args.vae if args.vae == "default" else str(Path(args.vae).resolve())
     return {
@@ -175,7 +188,11 @@ def _load_tokenizer(args, policy):
     return tokenizer
 
 
-def _load_scorer_or_fail(tokenizer):
+def _load_scorer_or_fail(tokenizer, quiet: bool):
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return tokenizer.scorer
     except Exception as error:  # any loader failure (missing files, bad id, no vllm) is fatal here
@@ -309,7 +326,7 @@ def run_tokenize(args) -> int:
     from router import RoutingPolicy
 
     started = time.perf_counter()
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu(args.device))
     if args.device is None:
         args.device = str(state.device)
     if not args.images.is_dir():
@@ -347,8 +364,8 @@ def run_tokenize(args) -> int:
     todo = [item for item in plan.items if item.id not in done_ids]
 
     tokenizer = _load_tokenizer(args, policy)
-    if args.ratio is None:
-        _load_scorer_or_fail(tokenizer)
+    if args.ratio is None and any(item.caption for item in todo):
+        _load_scorer_or_fail(tokenizer, args.quiet)  # up front, so a model that cannot load is a fatal error
     with state.split_between_processes(todo) as mine:
         my_items = list(mine)
     prescored = None

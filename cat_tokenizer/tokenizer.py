@@ -243,8 +243,9 @@ class CATTokenizer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         loaded = [load_image(image) for image in images]
         original_sizes = [(image.height, image.width) for image in loaded]
+        # The image fallback sees the full image (it resizes to its own calibrated scale).
+        decisions = self.route(loaded, captions, ratio, scores)
         resized = [limit_max_side(image, self.max_side) for image in loaded]
-        decisions = self.route(resized, captions, ratio, scores)
 
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, (image, decision) in enumerate(zip(resized, decisions)):

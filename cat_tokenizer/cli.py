@@ -201,8 +201,10 @@ def _load_scorer_or_fail(tokenizer, quiet: bool):
 
 def _prescore(tokenizer, items: list[WorkItem]) -> dict:
     """Caption scores for ``items`` in ONE router call (vLLM path, calibration): id -> score."""
+    started = time.perf_counter()
     captioned = [item for item in items if item.caption]
     scores = tokenizer.score_captions([item.caption for item in captioned])
+    tokenizer.timings["router_s"] += time.perf_counter() - started
     return {item.id: score for item, score in zip(captioned, scores)}
 
 
@@ -273,8 +275,12 @@ def _encode_chunk(tokenizer, chunk: list[WorkItem], args, prescored: dict | None
     return len(encoded)
 
 
-def summarize(records: list[dict], errors: list[dict], skipped: int, wall_s: float, done_this_run: int) -> dict:
-    """The end-of-run numbers: counts, tokens per ratio, mean tokens vs fixed 16x, speed."""
+def summarize(records: list[dict], errors: list[dict], skipped: int, wall_s: float, process_stats: list[dict]) -> dict:
+    """The end-of-run numbers: counts, tokens per ratio, mean tokens vs fixed 16x, speed, time split.
+
+    ``process_stats``: per process, images done this run and seconds spent in setup (model
+    loading), routing (``router_s``: caption LLM + image fallback) and the VAE encoder.
+    """
     from router.policy import tokens_for
 
     per_ratio = {}
@@ -284,6 +290,7 @@ def summarize(records: list[dict], errors: list[dict], skipped: int, wall_s: flo
     total_tokens = sum(r["tokens"] for r in records)
     fixed16 = sum(tokens_for(16, tuple(r["size"])) for r in records)
     sources = Counter(r["score_source"] for r in records)
+    done_this_run = sum(stats["done"] for stats in process_stats)
     return {
         "images_done": len(records),
         "images_done_this_run": done_this_run,
@@ -296,6 +303,7 @@ def summarize(records: list[dict], errors: list[dict], skipped: int, wall_s: flo
         "token_ratio_vs_fixed16": total_tokens / fixed16 if fixed16 else None,
         "wall_s": wall_s,
         "images_per_s": done_this_run / wall_s if wall_s > 0 else 0.0,
+        "processes": process_stats,
     }
 
 
@@ -312,7 +320,12 @@ def format_summary(summary: dict) -> str:
         f"mean tokens/image {summary['mean_tokens']:.1f} vs fixed 16x {summary['mean_tokens_fixed16']:.1f}"
         + (f" ({vs:.2f}x)" if vs is not None else "")
     )
-    lines.append(f"wall {summary['wall_s']:.1f} s, {summary['images_per_s']:.2f} images/s")
+    main_process = summary["processes"][0]
+    lines.append(
+        f"wall {summary['wall_s']:.1f} s, {summary['images_per_s']:.2f} images/s "
+        f"(process 0: setup {main_process['setup_s']:.1f} s, router {main_process['router_s']:.1f} s, "
+        f"VAE encode {main_process['vae_encode_s']:.1f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -366,6 +379,7 @@ def run_tokenize(args) -> int:
     tokenizer = _load_tokenizer(args, policy)
     if args.ratio is None and any(item.caption for item in todo):
         _load_scorer_or_fail(tokenizer, args.quiet)  # up front, so a model that cannot load is a fatal error
+    setup_s = time.perf_counter() - started
     with state.split_between_processes(todo) as mine:
         my_items = list(mine)
     prescored = None
@@ -392,20 +406,20 @@ def run_tokenize(args) -> int:
         writer.flush()
     store.write_jsonl(out_dir / f"errors.rank{state.process_index:02d}.jsonl", errors)
 
-    done_counts = [done_this_rank]
+    process_stats = [{"done": done_this_rank, "setup_s": setup_s, **tokenizer.timings}]
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
-        done_counts = gather_object(done_counts)
+        process_stats = gather_object(process_stats)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_outputs(out_dir, plan, sum(done_counts), time.perf_counter() - started, args.quiet)
+        _merge_outputs(out_dir, plan, process_stats, time.perf_counter() - started, args.quiet)
     state.wait_for_everyone()
     failed = len(store.read_jsonl(out_dir / store.ERRORS))
     return 2 if failed else 0
 
 
-def _merge_outputs(out_dir: Path, plan, done_this_run: int, wall_s: float, quiet: bool) -> None:
+def _merge_outputs(out_dir: Path, plan, process_stats: list[dict], wall_s: float, quiet: bool) -> None:
     """Rank 0: manifest from the shards, errors from the rank parts, summary (all atomic)."""
     records = sorted(store.read_shard_records(out_dir), key=lambda r: r["id"])
     ids = [r["id"] for r in records]
@@ -419,7 +433,7 @@ def _merge_outputs(out_dir: Path, plan, done_this_run: int, wall_s: float, quiet
     store.write_jsonl(out_dir / store.ERRORS, errors)
     for part in parts:
         part.unlink()
-    summary = summarize(records, errors, len(plan.skipped_without_caption), wall_s, done_this_run)
+    summary = summarize(records, errors, len(plan.skipped_without_caption), wall_s, process_stats)
     store.atomic_write_text(out_dir / store.SUMMARY, json.dumps(summary, indent=2) + "\n")
     _log(format_summary(summary), quiet)
 

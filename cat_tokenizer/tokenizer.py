@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,6 +73,9 @@ class CATTokenizer:
         self.policy = policy if policy is not None else RoutingPolicy()
         self.max_side = max_side
         self._scorer_lock = threading.Lock()
+        # Seconds spent routing (caption LLM + image fallback) and in the VAE encoder, summed over
+        # every encode_batch call: the CLI summary and eval/bench_cli.py report them.
+        self.timings = {"router_s": 0.0, "vae_encode_s": 0.0}
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -244,13 +248,16 @@ class CATTokenizer:
         loaded = [load_image(image) for image in images]
         original_sizes = [(image.height, image.width) for image in loaded]
         # The image fallback sees the full image (it resizes to its own calibrated scale).
+        started = time.perf_counter()
         decisions = self.route(loaded, captions, ratio, scores)
+        self.timings["router_s"] += time.perf_counter() - started
         resized = [limit_max_side(image, self.max_side) for image in loaded]
 
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, (image, decision) in enumerate(zip(resized, decisions)):
             groups.setdefault((decision.ratio, image.height, image.width), []).append(index)
 
+        started = time.perf_counter()
         results: list[Encoded | None] = [None] * len(loaded)
         scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0))
         for (group_ratio, height, width), indices in groups.items():
@@ -275,6 +282,7 @@ class CATTokenizer:
                         scaling_factor=scaling_factor,
                         extra={"flags": dict(complexity.flags)} if complexity is not None and complexity.flags else {},
                     )
+        self.timings["vae_encode_s"] += time.perf_counter() - started
         return results
 
     def encode(self, image, caption: str | None = None, ratio: int | None = None, **kwargs) -> Encoded:

@@ -160,18 +160,14 @@ class RoutingPolicy:
         gap = base.high - base.low
         # Mean tokens only change when a threshold crosses a score, so these shifts (placing
         # ``low`` or ``high`` just above / at each score) cover every reachable budget.
-        candidates = np.unique(np.concatenate([values - base.low, values - base.high]))
-        candidates = np.concatenate([candidates, candidates + 1e-6, [candidates.min() - 1.0, candidates.max() + 1.0]])
-        best, best_error = None, math.inf
-        for shift in np.sort(candidates):
-            low = base.low + shift
-            high = low + gap
-            ratios = np.where(values < low, 32, np.where(values < high, 16, 8))
-            mean = np.mean([token_counts[r] for r in ratios])
-            error = abs(mean - target)
-            if error < best_error - 1e-9:
-                best, best_error = (float(low), float(high)), error
-        return cls(low=best[0], high=best[1])
+        shifts = np.unique(np.concatenate([values - base.low, values - base.high]))
+        shifts = np.sort(np.concatenate([shifts, shifts + 1e-6, [shifts.min() - 1.0, shifts.max() + 1.0]]))
+        sorted_values = np.sort(values)
+        below_low = np.searchsorted(sorted_values, base.low + shifts, side="left")
+        below_high = np.searchsorted(sorted_values, base.low + shifts + gap, side="left")
+        total = below_low * lowest + (below_high - below_low) * token_counts[16] + (values.size - below_high) * highest
+        best = int(np.argmin(np.abs(total / values.size - target)))  # first (smallest shift) on ties
+        return cls(low=float(base.low + shifts[best]), high=float(base.low + shifts[best] + gap))
 
     @classmethod
     def _fit_oracle(cls, values: np.ndarray, oracle_ratios: Sequence[int]) -> RoutingPolicy:

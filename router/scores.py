@@ -35,31 +35,49 @@ DIGITS = tuple(str(d) for d in range(1, 10))
 YES_NO = ("yes", "no")
 
 INSTRUCTION = (
-    "You rate how visually complex an image is, judging only from its caption. "
-    "An image compressor will spend more tokens on complex images, so think about how hard the "
-    "image is to reconstruct without a visible loss: its semantic content, the amount of fine "
-    "detail and texture, the number of distinct objects, and what human perception is most "
-    "sensitive to (readable text, human faces, thin lines and small labels in charts or diagrams).\n"
-    "Scale: 1 = a flat uniform area (a plain wall, a clear sky); 3 = a simple object on a plain "
-    "background or flat clip art; 5 = an ordinary photo with a few objects; 7 = a busy scene, a "
-    "portrait with facial detail, or a chart with labels; 9 = extremely dense detail such as small "
-    "printed text or a crowded diagram.\n"
-    "Answer in exactly this format:\n"
-    "complexity: <one digit 1-9>\n"
-    "text: <yes if the image contains readable text, otherwise no>\n"
-    "faces: <yes if the image shows a human face, otherwise no>\n"
-    "charts: <yes if the image is a chart, diagram, plot or drawing with fine lines, otherwise no>\n"
-    "\nCaption:\n"
+    "You judge how visually complex an image is from its caption alone. An image compressor spends "
+    "more tokens on complex images, so consider how hard the image is to reconstruct without a "
+    "visible loss: its semantic content, the amount of fine detail and texture, the number of "
+    "distinct objects, and what human perception is most sensitive to (readable text, human faces, "
+    "thin lines and small labels in charts or diagrams).\n"
+    "Complexity scale: 1 = a flat uniform area (a plain wall, a clear sky); 3 = a simple object on a "
+    "plain background or flat clip art; 5 = an ordinary photo with a few objects; 7 = a busy scene, "
+    "a portrait with facial detail, or a chart with labels; 9 = extremely dense detail such as "
+    "small printed text or a crowded diagram.\n"
+    "Each message gives a caption and one question about the image; answer only with the digit "
+    "or with yes or no."
 )
 
-# Query name -> answer key the assistant turn starts with. "complexity" is the rating; the
-# others are the perception flags reported as P(yes).
+# Query name -> question asked after the caption. "complexity" is the rating (answer: one digit);
+# the others are the perception flags (answer: yes/no, reported as P(yes)).
 RATING_QUERY = "complexity"
 FLAG_QUERIES = ("text", "faces", "charts")
-QUERIES = {RATING_QUERY: "complexity:", "text": "text:", "faces": "faces:", "charts": "charts:"}
+QUERIES = {
+    RATING_QUERY: "Rate the visual complexity of this image from 1 to 9. Answer with one digit.",
+    "text": "Does the caption mention readable text, words, letters, numbers or a sign? Answer yes or no.",
+    "faces": "Does the caption mention a person's face? Answer yes or no.",
+    "charts": "Does the caption describe a chart, graph, diagram, table or map? Answer yes or no.",
+}
 
-# Stand-in used to find where the caption goes in the rendered chat template.
+# Worked examples shown before every caption (invented, not from the devset). They sit in the
+# shared prefix, so they cost nothing per caption; a 0.5B model needs them to answer the
+# yes/no questions from the caption instead of answering "no" to everything.
+FEW_SHOT = (
+    ("A plain white wall.", RATING_QUERY, "1"),
+    ("A portrait photo of a smiling man with a grey beard.", "faces", "yes"),
+    ("A street sign on a pole reading MAIN STREET.", "text", "yes"),
+    ("A red apple on a wooden table.", "faces", "no"),
+    ("A line chart of monthly sales with labelled axes.", "charts", "yes"),
+    ("A busy street market crowded with people, stalls and signs.", RATING_QUERY, "7"),
+    ("A green meadow with a few trees under a cloudy sky.", "text", "no"),
+    ("A cat sleeping on a sofa.", "charts", "no"),
+    ("Clip art of a yellow star on a white background.", RATING_QUERY, "2"),
+    ("A page of a printed book with two columns of small text.", RATING_QUERY, "9"),
+)
+
+# Stand-ins used to find where the caption and the question go in the rendered chat template.
 _CAPTION_SLOT = "\u2063CAPTION\u2063"
+_QUESTION_SLOT = "\u2063QUESTION\u2063"
 
 
 @dataclass
@@ -155,13 +173,13 @@ def make_score(
 
 @dataclass(frozen=True)
 class PromptParts:
-    """The rendered prompt split at the caption.
+    """The rendered prompt split around the caption.
 
     Args:
         prefix: text before the caption, identical for every caption (its KV cache is shared).
-        caption_suffix: text after the caption up to the assistant's first token (end of the
-            user turn and the assistant header), shared by all queries of a caption.
-        answer_keys: query name -> text the assistant turn starts with; the next token is the answer.
+        caption_suffix: text right after the caption, shared by all queries of a caption.
+        answer_keys: query name -> the rest of the prompt for that query (its question, the end
+            of the user turn and the assistant header); the model's next token is the answer.
     """
 
     prefix: str
@@ -182,16 +200,94 @@ def build_prompt_parts(tokenizer=None) -> PromptParts:
 
     Without a chat template a plain "User:/Assistant:" layout is used.
     """
-    messages = [{"role": "user", "content": INSTRUCTION + _CAPTION_SLOT}]
+    def ask(caption: str, question: str) -> str:
+        return f"Caption: {caption}\n{question}"
+
+    messages = []
+    for caption, query, answer in FEW_SHOT:
+        messages += [{"role": "user", "content": ask(caption, QUERIES[query])}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": ask(_CAPTION_SLOT, _QUESTION_SLOT)})
+    messages[0]["content"] = INSTRUCTION + "\n\n" + messages[0]["content"]
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if template:
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        rendered = f"User: {INSTRUCTION}{_CAPTION_SLOT}\nAssistant:"
-    if rendered.count(_CAPTION_SLOT) != 1:
+        turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+        rendered = "\n".join(turns) + "\nAssistant:"
+    if rendered.count(_CAPTION_SLOT) != 1 or rendered.count(_QUESTION_SLOT) != 1:
         raise ValueError("the chat template must render the user message exactly once")
-    prefix, caption_suffix = rendered.split(_CAPTION_SLOT)
-    return PromptParts(prefix=prefix, caption_suffix=caption_suffix, answer_keys=dict(QUERIES))
+    prefix, rest = rendered.split(_CAPTION_SLOT)
+    caption_suffix, after_question = rest.split(_QUESTION_SLOT)
+    keys = {query: question + after_question for query, question in QUERIES.items()}
+    return PromptParts(prefix=prefix, caption_suffix=caption_suffix, answer_keys=keys)
+
+
+def answer_token_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Per word, the ids of its single-token spellings ("w", " w", "W", " W").
+
+    Raises if a word has no single-token spelling or two words share a token.
+    """
+    seen: dict[int, str] = {}
+    result = []
+    for word in words:
+        ids = []
+        for variant in dict.fromkeys([word, " " + word, word.capitalize(), " " + word.capitalize()]):
+            encoded = tokenizer.encode(variant, add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                if encoded[0] in seen and seen[encoded[0]] != word:
+                    raise ValueError(f"answers {word!r} and {seen[encoded[0]]!r} share token {encoded[0]}")
+                seen[encoded[0]] = word
+                ids.append(encoded[0])
+        if not ids:
+            raise ValueError(f"the tokenizer has no single token for the answer {word!r}: cannot read its probability")
+        result.append(ids)
+    return result
+
+
+class PromptTokens:
+    """The prompt as token ids, tokenized segment by segment so every backend feeds the same ids.
+
+    Attributes:
+        parts: the rendered :class:`PromptParts`.
+        prefix_ids / suffix_ids: ids of the shared prefix and of the caption suffix.
+        queries: query names, rating first, then :data:`FLAG_QUERIES`.
+        key_ids: per query, ids of its answer key.
+        digit_ids / yes_no_ids: per answer, ids of its single-token spellings.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.parts = build_prompt_parts(tokenizer)
+        self.queries = (RATING_QUERY, *FLAG_QUERIES)
+        self.prefix_ids = self.encode(self.parts.prefix)
+        self.suffix_ids = self.encode(self.parts.caption_suffix)
+        self.digit_ids = answer_token_ids(tokenizer, DIGITS)
+        self.yes_no_ids = answer_token_ids(tokenizer, YES_NO)
+        self.key_ids = [self.encode(self.answer_key(q)) for q in self.queries]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def answer_key(self, query: str) -> str:
+        """The key text, plus a trailing space when this tokenizer has no single-token " answer".
+
+        Qwen and Llama-3 split digits from the space before them: after "complexity:" the model
+        first writes a space token, so reading digits there would ask about an unlikely event.
+        Then the key ends with the space. GPT-2-style tokenizers have " 5" as one token; then the
+        key stays as it is and the " 5" spellings are read.
+        """
+        key = self.parts.answer_keys[query]
+        if not key or key[-1].isspace():
+            return key
+        spaced = [self.encode(" " + word) for word in (DIGITS if query == RATING_QUERY else YES_NO)]
+        return key if all(len(ids) == 1 for ids in spaced) else key + " "
+
+    def answer_ids(self, query: str) -> list[list[int]]:
+        return self.digit_ids if query == RATING_QUERY else self.yes_no_ids
+
+    def full_prompt_ids(self, caption: str, query: str) -> list[int]:
+        """Token ids of the complete prompt for one (caption, query), as one sequence."""
+        return self.prefix_ids + self.encode(caption) + self.suffix_ids + self.key_ids[self.queries.index(query)]
 
 
 class ComplexityScorer(abc.ABC):

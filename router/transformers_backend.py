@@ -1,0 +1,187 @@
+"""transformers backend: next-token probabilities from any causal LM, one forward pass per batch.
+
+How a batch is scored (see router.scores for the prompt layout):
+
+1. The instruction prefix is the same for every caption, so its KV cache is computed once when the
+   scorer is built and copied into every batch.
+2. Each row of a batch is ``[pads] caption caption_suffix key_1 .. key_Q`` where ``key_q`` are the
+   short answer keys (``complexity:``, ``text:``, ``faces:``, ``charts:``). Captions are
+   left-padded inside their segment so every row ends at the same column.
+3. A custom 4D attention mask lets every key block see the prefix, its caption and itself, but not
+   the other key blocks or the pads; explicit position ids make each key start right after its
+   caption. So all Q queries of all captions come out of ONE forward pass over about
+   ``len(caption) + len(caption_suffix) + sum(len(key_q))`` new tokens per caption, and the
+   result equals scoring each (caption, query) prompt on its own.
+4. Only the last token of each key block goes through the LM head (``logits_to_keep``); the
+   answer distribution is the softmax over the candidate tokens (digits 1..9, or yes/no), where
+   spelling variants (``"5"``/``" 5"``, ``"yes"``/``" Yes"``...) that are single tokens are summed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from router.scores import FLAG_QUERIES, CombinationRule, ComplexityScorer, PromptTokens
+
+
+def bf16_supported() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); else bf16 is slow emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def answer_distribution(logits: torch.Tensor, answer_ids: list[list[int]]) -> torch.Tensor:
+    """Softmax over answers, each answer's spellings merged by logsumexp: (batch, n_answers).
+
+    ``logits`` is (batch, vocab) or any tensor indexable by token id on its last axis; tokens
+    outside ``answer_ids`` do not matter (the distribution is conditional on answering).
+    """
+    per_answer = torch.stack([torch.logsumexp(logits[:, ids], dim=-1) for ids in answer_ids], dim=-1)
+    return torch.softmax(per_answer, dim=-1)
+
+
+class TransformersScorer(ComplexityScorer):
+    """Caption complexity from a transformers causal LM.
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM`` (put in eval mode here).
+        tokenizer: its tokenizer (chat template used when present).
+        model_id: name used in score caches.
+        batch_size: captions per forward pass.
+        rule: how rating and flags combine (default :class:`CombinationRule`).
+    """
+
+    def __init__(self, model, tokenizer, model_id: str, batch_size: int = 32, rule: CombinationRule | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.batch_size = batch_size
+        self.rule = rule or CombinationRule()
+        self.prompt = PromptTokens(tokenizer)
+        self.forward_calls = 0  # model forward passes over captions (tests and benchmarks read it)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._prefix_cache = self._compute_prefix_cache()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        gguf_file: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        model_id: str | None = None,
+        **kwargs,
+    ) -> TransformersScorer:
+        """Load an HF id, a local directory, or (with ``gguf_file`` / a path ending in .gguf) a GGUF.
+
+        ``dtype`` defaults to bf16 where the CPU supports it natively, else fp32 (fp16/bf16 on GPU).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(str(name_or_path))
+        source = str(name_or_path)
+        if gguf_file is None and path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            source, gguf_file = str(path.parent), path.name
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        dtype = dtype or default_dtype(device)
+        load_args = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **load_args)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_args).to(device)
+        return cls(model, tokenizer, model_id=model_id or str(name_or_path), **kwargs)
+
+    # ---- the forward pass ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _compute_prefix_cache(self):
+        ids = torch.tensor([self.prompt.prefix_ids], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.past_key_values
+
+    def _batch_inputs(self, caption_ids: list[list[int]]):
+        """Input ids, position ids, 4D additive mask and read-out columns for one batch."""
+        prefix_len = len(self.prompt.prefix_ids)
+        body_len = max(len(ids) for ids in caption_ids) + len(self.prompt.suffix_ids)
+        key_lens = [len(k) for k in self.prompt.key_ids]
+        new_len = body_len + sum(key_lens)
+        batch = len(caption_ids)
+
+        input_ids = torch.full((batch, new_len), self.pad_id, dtype=torch.long)
+        position_ids = torch.full((batch, new_len), prefix_len, dtype=torch.long)
+        # allowed[b, i, j]: new token i may attend to key/value column j (prefix columns first).
+        allowed = torch.zeros((batch, new_len, prefix_len + new_len), dtype=torch.bool)
+        allowed[:, :, :prefix_len] = True
+        causal = torch.ones((new_len, new_len), dtype=torch.bool).tril()
+
+        for row, ids in enumerate(caption_ids):
+            body = ids + self.prompt.suffix_ids
+            start = body_len - len(body)  # left padding inside the caption segment
+            input_ids[row, start:body_len] = torch.tensor(body)
+            position_ids[row, start:body_len] = prefix_len + torch.arange(len(body))
+            body_cols = slice(prefix_len + start, prefix_len + body_len)
+            allowed[row, start:body_len, body_cols] = causal[start:body_len, start:body_len]
+            offset = body_len
+            for key, length in zip(self.prompt.key_ids, key_lens):
+                block = slice(offset, offset + length)
+                input_ids[row, block] = torch.tensor(key)
+                position_ids[row, block] = prefix_len + len(body) + torch.arange(length)
+                allowed[row, block, body_cols] = True
+                allowed[row, block, prefix_len + offset : prefix_len + offset + length] = causal[:length, :length]
+                offset += length
+
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        read_columns = torch.tensor([body_len + sum(key_lens[: q + 1]) - 1 for q in range(len(key_lens))])
+        return input_ids, position_ids, mask[:, None], read_columns
+
+    @torch.inference_mode()
+    def _score_batch(self, caption_ids: list[list[int]]) -> list[tuple[list[float], dict[str, float]]]:
+        input_ids, position_ids, mask, read_columns = self._batch_inputs(caption_ids)
+        cache = copy.deepcopy(self._prefix_cache)
+        cache.batch_repeat_interleave(len(caption_ids))
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=read_columns.to(self.device),
+        )
+        self.forward_calls += 1
+        logits = out.logits.float()  # (batch, n_queries, vocab)
+        digit_dist = answer_distribution(logits[:, 0], self.prompt.digit_ids)
+        flag_dists = [answer_distribution(logits[:, q + 1], self.prompt.yes_no_ids) for q in range(len(FLAG_QUERIES))]
+        results = []
+        for row in range(len(caption_ids)):
+            flags = {name: float(dist[row, 0]) for name, dist in zip(FLAG_QUERIES, flag_dists)}
+            results.append((digit_dist[row].tolist(), flags))
+        return results
+
+    def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:
+        caption_ids = [self.prompt.encode(c) for c in captions]
+        # Sort by length so batches pad little; results go back in input order.
+        order = sorted(range(len(captions)), key=lambda i: len(caption_ids[i]))
+        results: list = [None] * len(captions)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for index, result in zip(chunk, self._score_batch([caption_ids[i] for i in chunk])):
+                results[index] = result
+        return results

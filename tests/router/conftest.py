@@ -1,0 +1,32 @@
+"""Fixtures for router tests: a tiny random Llama (built once per session) and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from router.testing import build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_llama_dir):
+    from router.transformers_backend import TransformersScorer
+
+    return TransformersScorer.from_pretrained(tiny_llama_dir, dtype=torch.float32, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def default_scorer():
+    """The real default router model, loaded once; skips when its wheels are not installed."""
+    from router import default_model
+
+    if not default_model.parts_available() and not default_model.is_converted():
+        pytest.skip(f"default router model not installed: {default_model.PIP_COMMAND}")
+    from router import load_scorer
+
+    return load_scorer("default", batch_size=8)

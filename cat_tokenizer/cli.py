@@ -39,6 +39,27 @@ RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
 
 
+TOKENIZE_EPILOG = """\
+images:
+  Every file under --images whose extension Pillow opens is tokenized (hidden files skipped).
+  EXIF orientation is applied; CMYK, 16-bit, palette and grayscale become 8-bit RGB; transparency
+  (RGBA, palette) is composited on white. Images longer than --max-side are downscaled (Lanczos).
+captions.jsonl:
+  one JSON object per line: {"image": "sub/a.jpg", "caption": "..."}; "file_name" may replace
+  "image" and "text" may replace "caption". Images without a line (or with an empty caption) are
+  routed by the JPEG bits-per-pixel fallback, or skipped with --require-captions.
+output (OUT):
+  shards/*.safetensors (latents; each shard is written atomically and also holds its manifest
+  records), manifest.jsonl, errors.jsonl (path, line, reason), summary.json, run.json.
+exit codes:
+  0 all images tokenized, 2 some images or caption lines failed (see errors.jsonl), 1 fatal.
+scale-out:
+  accelerate launch --multi_gpu --num_processes N -m cat_tokenizer.cli --images ... --out ...
+  splits the images across processes (on a machine without GPUs the processes form a CPU/gloo
+  group); add --router-backend vllm to score each process's captions in one vLLM pass first.
+"""
+
+
 class FatalError(Exception):
     """Stops the run with exit code 1 and a one-line message."""
 
@@ -85,6 +106,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
         prog="cat-tokenize",
         description="Tokenize every image in a folder with the caption-routed nested VAE. "
         "Use `cat-tokenize decode --tokens OUT --out DIR` to reconstruct.",
+        epilog=TOKENIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--captions", type=Path, help="captions.jsonl: {'image'|'file_name': path relative to --images, 'caption'|'text': str} per line")
@@ -98,6 +121,7 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae", default="default", help="'default' (shipped checkpoint) or a NestedVAE.save_pretrained directory")
     parser.add_argument("--router-model", default="default", help="router LLM: 'default' (Qwen2.5-Coder-0.5B-Instruct), an HF id, a local directory or .gguf")
     parser.add_argument("--router-backend", choices=("transformers", "vllm"), default="transformers", help="transformers (default) or vllm (scores all captions in one pass first)")
+    parser.add_argument("--score-cache", type=Path, help="SQLite cache of router scores (model, prompt version, caption): a rerun or --resume never scores a caption twice")
     parser.add_argument("--policy", type=Path, help="routing thresholds JSON (RoutingPolicy.save); default thresholds otherwise")
     parser.add_argument("--max-side", type=_positive, default=2048, help="downscale (Lanczos, aspect kept) images whose longest side exceeds this (default 2048)")
     parser.add_argument("--tiling", action="store_true", help="tiled VAE encode/decode (for large --max-side)")
@@ -184,8 +208,9 @@ def _load_tokenizer(args, policy):
     if args.tiling:
         vae.enable_tiling()
     router = None if args.ratio is not None else args.router_model
-    tokenizer = CATTokenizer(vae, scorer=router, policy=policy, router_backend=args.router_backend, max_side=args.max_side)
-    return tokenizer
+    options = {"cache_path": str(args.score_cache)} if args.score_cache else {}
+    return CATTokenizer(vae, scorer=router, policy=policy, router_backend=args.router_backend,
+                        max_side=args.max_side, router_options=options)
 
 
 def _load_scorer_or_fail(tokenizer, quiet: bool):

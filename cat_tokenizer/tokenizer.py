@@ -59,17 +59,20 @@ class CATTokenizer:
             image-only fallback.
         policy: the :class:`router.RoutingPolicy` (default thresholds when None).
         router_backend: ``"transformers"`` or ``"vllm"``, used when ``scorer`` is a name.
+        router_options: extra :func:`router.load_scorer` arguments when ``scorer`` is a name, e.g.
+            ``{"cache_path": "scores.sqlite"}`` so captions scored once are never scored again.
         max_side: images with a longer side are downscaled (Lanczos) to it before encoding; None
             disables the limit (then consider ``vae.enable_tiling()`` for large images).
     """
 
     def __init__(self, vae, scorer=None, policy=None, router_backend: str = "transformers",
-                 max_side: int | None = DEFAULT_MAX_SIDE):
+                 max_side: int | None = DEFAULT_MAX_SIDE, router_options: dict | None = None):
         from router import RoutingPolicy
 
         self.vae = vae.eval()
         self._scorer = scorer
         self.router_backend = router_backend
+        self.router_options = dict(router_options or {})
         self.policy = policy if policy is not None else RoutingPolicy()
         self.max_side = max_side
         self._scorer_lock = threading.Lock()
@@ -91,6 +94,7 @@ class CATTokenizer:
         dtype: torch.dtype | None = None,
         router_backend: str = "transformers",
         max_side: int | None = DEFAULT_MAX_SIDE,
+        router_options: dict | None = None,
     ) -> CATTokenizer:
         """Build a tokenizer from named or saved parts.
 
@@ -106,6 +110,7 @@ class CATTokenizer:
             device: where the VAE runs (default: CUDA when available, else CPU).
             dtype: VAE weight dtype (default float32; bfloat16 halves memory on GPUs/AMX CPUs).
             router_backend: ``"transformers"`` (default) or ``"vllm"``.
+            router_options: extra ``router.load_scorer`` arguments (see the class docstring).
             max_side: see the class docstring.
         """
         from nested_vae import NestedVAE
@@ -133,7 +138,8 @@ class CATTokenizer:
             vae = NestedVAE.from_pretrained(str(vae), device=device, dtype=dtype)
         if isinstance(policy, (str, Path)):
             policy = RoutingPolicy.load(policy)
-        return cls(vae, scorer=router, policy=policy, router_backend=router_backend, max_side=max_side)
+        return cls(vae, scorer=router, policy=policy, router_backend=router_backend, max_side=max_side,
+                   router_options=router_options)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``vae/`` (NestedVAE.save_pretrained), ``policy.json`` and ``cat_tokenizer.json``.
@@ -171,7 +177,7 @@ class CATTokenizer:
                 if isinstance(self._scorer, (str, Path)):
                     from router import load_scorer
 
-                    self._scorer = load_scorer(str(self._scorer), backend=self.router_backend)
+                    self._scorer = load_scorer(str(self._scorer), backend=self.router_backend, **self.router_options)
         return self._scorer
 
     def score_captions(self, captions: Sequence[str | None]) -> list:

@@ -49,7 +49,11 @@ def prepare_images(devset: Path, count: int, size: int, folder: Path) -> Path:
     """Write ``count`` devset images (equal share per domain) at size x size plus captions.jsonl."""
     from cat_tokenizer.images import center_crop_resize, load_image
 
-    records = [json.loads(line) for line in (devset / "captions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (devset / "captions.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     per_domain = -(-count // len(DOMAINS))
     picked = [r for d in DOMAINS for r in [r for r in records if r["domain"] == d][:per_domain]][:count]
     images = folder / "images"
@@ -76,11 +80,27 @@ def resolve_vae(name: str, folder: Path) -> tuple[str, str]:
     return str(path), "random init, default NestedVAEConfig (shipped checkpoint not installed; same cost)"
 
 
-def run_mode(mode: str, images: Path, captions: Path, out: Path, vae: str, router_model: str, batch_size: int) -> dict:
+def run_mode(
+    mode: str, images: Path, captions: Path, out: Path, vae: str, router_model: str, batch_size: int
+) -> dict:
     command = [
-        sys.executable, "-m", "cat_tokenizer.cli", "--images", str(images), "--captions", str(captions),
-        "--out", str(out), "--vae", vae, "--router-model", router_model, "--batch-size", str(batch_size),
-        "--quiet", *MODES[mode],
+        sys.executable,
+        "-m",
+        "cat_tokenizer.cli",
+        "--images",
+        str(images),
+        "--captions",
+        str(captions),
+        "--out",
+        str(out),
+        "--vae",
+        vae,
+        "--router-model",
+        router_model,
+        "--batch-size",
+        str(batch_size),
+        "--quiet",
+        *MODES[mode],
     ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -127,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devset", type=Path, default=default_devset())
     parser.add_argument("--images", type=int, default=40, help="number of devset images (default 40)")
-    parser.add_argument("--size", type=int, default=256, help="square image side after crop + resize (default 256)")
+    parser.add_argument(
+        "--size", type=int, default=256, help="square image side after crop + resize (default 256)"
+    )
     parser.add_argument("--vae", default="default")
     parser.add_argument("--router-model", default="default")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -141,10 +163,20 @@ def main(argv: list[str] | None = None) -> None:
         images = prepare_images(args.devset, args.images, args.size, scratch)
         vae, vae_description = resolve_vae(args.vae, scratch)
         rows = [
-            run_mode(mode, images, scratch / "captions.jsonl", scratch / f"out_{mode}", vae, args.router_model, args.batch_size)
+            run_mode(
+                mode,
+                images,
+                scratch / "captions.jsonl",
+                scratch / f"out_{mode}",
+                vae,
+                args.router_model,
+                args.batch_size,
+            )
             for mode in MODES
         ]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
     result = {
         "benchmark": "cat-tokenize end to end",
         "images": args.images,

@@ -28,7 +28,7 @@ def _shard_keys(out):
 
 
 def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path, write_small_images):
-    names = write_small_images(tmp_path / "images", 40)
+    names = write_small_images(tmp_path / "images", 24)
     out = tmp_path / "out"
     args = ["--images", str(tmp_path / "images"), "--out", str(out), "--vae", str(tiny_vae_dir),
             "--ratio", "16", "--shard-size", "2", "--batch-size", "2", "--quiet"]

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from cat_tokenizer.cli import main
 from router import RoutingPolicy, tokens_for
+from router.cache import ScoreCache
 
 
 def _read_jsonl(path):
@@ -115,20 +116,26 @@ def test_require_captions_skips_uncaptioned_images(tiny_vae_dir, tiny_llama_dir,
     captions.write_text(json.dumps({"image": "img_001.png", "caption": "static noise"}) + "\n")
     out = tmp_path / "out"
     code = _tokenize(tmp_path / "images", out, tiny_vae_dir, "--captions", captions,
-                     "--router-model", tiny_llama_dir, "--require-captions")
+                     "--router-model", tiny_llama_dir, "--require-captions", "--score-cache", tmp_path / "scores.sqlite")
     assert code == 0
     assert [r["id"] for r in _read_jsonl(out / "manifest.jsonl")] == ["img_001.png"]
     assert json.loads((out / "summary.json").read_text())["skipped_without_caption"] == 2
+    cached = ScoreCache(tmp_path / "scores.sqlite").get_many(str(tiny_llama_dir), ["static noise"])
+    assert list(cached) == ["static noise"]  # a rerun would not score this caption again
 
 
-def test_target_mean_tokens_calibrates_and_saves_the_policy(tiny_vae_dir, tmp_path, write_small_images):
+def test_target_mean_tokens_calibrates_and_saves_the_policy(tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images):
     names = write_small_images(tmp_path / "images", 6)
+    captions = tmp_path / "captions.jsonl"  # half captioned (LLM scores), half image fallback
+    captions.write_text("".join(json.dumps({"image": n, "caption": f"noise pattern {i}"}) + "\n" for i, n in enumerate(names[:3])))
     out = tmp_path / "out"
-    assert _tokenize(tmp_path / "images", out, tiny_vae_dir, "--target-mean-tokens", 256) == 0
+    assert _tokenize(tmp_path / "images", out, tiny_vae_dir, "--captions", captions, "--router-model", tiny_llama_dir,
+                     "--target-mean-tokens", 256) == 0
     policy = RoutingPolicy.load(out / "policy.json")
     manifest = _read_jsonl(out / "manifest.jsonl")
     assert len(manifest) == len(names)
     assert all(r["ratio"] == policy.route(r["score"]) for r in manifest)
+    assert sorted(r["score_source"] for r in manifest) == ["caption_llm"] * 3 + ["image_jpeg_bpp"] * 3
     expected = RoutingPolicy.calibrate([r["score"] for r in manifest], target_mean_tokens=256, image_size=256)
     assert (policy.low, policy.high) == pytest.approx((expected.low, expected.high))
 

@@ -110,32 +110,101 @@ def tokenize_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("--captions", type=Path, help="captions.jsonl: {'image'|'file_name': path relative to --images, 'caption'|'text': str} per line")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (shards/, manifest.jsonl, errors.jsonl, summary.json)")
-    parser.add_argument("--ratio", type=_ratio, default=None, help="auto (router decides, default) or a fixed 8, 16 or 32 (no router)")
-    parser.add_argument("--target-mean-tokens", type=float, help="calibrate the routing thresholds on this run's scores so the mean tokens per image, counted at 256x256 (1024/256/64 tokens at 8/16/32x), hits this budget")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        help="captions.jsonl: {'image'|'file_name': path relative to --images, 'caption'|'text': str} per line",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder (shards/, manifest.jsonl, errors.jsonl, summary.json)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=None,
+        help="auto (router decides, default) or a fixed 8, 16 or 32 (no router)",
+    )
+    parser.add_argument(
+        "--target-mean-tokens",
+        type=float,
+        help="calibrate the routing thresholds on this run's scores so the mean tokens per image, counted at 256x256 (1024/256/64 tokens at 8/16/32x), hits this budget",
+    )
     parser.add_argument("--batch-size", type=_positive, default=8, help="images per VAE call (default 8)")
-    parser.add_argument("--shard-size", type=_positive, default=256, help="images per shard file, the unit of commit (default 256)")
-    parser.add_argument("--device", help="torch device for the VAE (default: this process's accelerate device: cuda:N or cpu)")
-    parser.add_argument("--dtype", type=_dtype, default=None, help="VAE dtype: float32 (default), bfloat16, float16")
-    parser.add_argument("--vae", default="default", help="'default' (shipped checkpoint) or a NestedVAE.save_pretrained directory")
-    parser.add_argument("--router-model", default="default", help="router LLM: 'default' (Qwen2.5-Coder-0.5B-Instruct), an HF id, a local directory or .gguf")
-    parser.add_argument("--router-backend", choices=("transformers", "vllm"), default="transformers", help="transformers (default) or vllm (scores all captions in one pass first)")
-    parser.add_argument("--score-cache", type=Path, help="SQLite cache of router scores (model, prompt version, caption): a rerun or --resume never scores a caption twice")
-    parser.add_argument("--policy", type=Path, help="routing thresholds JSON (RoutingPolicy.save); default thresholds otherwise")
-    parser.add_argument("--max-side", type=_positive, default=2048, help="downscale (Lanczos, aspect kept) images whose longest side exceeds this (default 2048)")
-    parser.add_argument("--tiling", action="store_true", help="tiled VAE encode/decode (for large --max-side)")
-    parser.add_argument("--require-captions", action="store_true", help="skip images without a caption line instead of routing them by the image fallback")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run in --out: skip images its shards hold, redo the rest")
+    parser.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=256,
+        help="images per shard file, the unit of commit (default 256)",
+    )
+    parser.add_argument(
+        "--device", help="torch device for the VAE (default: this process's accelerate device: cuda:N or cpu)"
+    )
+    parser.add_argument(
+        "--dtype", type=_dtype, default=None, help="VAE dtype: float32 (default), bfloat16, float16"
+    )
+    parser.add_argument(
+        "--vae",
+        default="default",
+        help="'default' (shipped checkpoint) or a NestedVAE.save_pretrained directory",
+    )
+    parser.add_argument(
+        "--router-model",
+        default="default",
+        help="router LLM: 'default' (Qwen2.5-Coder-0.5B-Instruct), an HF id, a local directory or .gguf",
+    )
+    parser.add_argument(
+        "--router-backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers (default) or vllm (scores all captions in one pass first)",
+    )
+    parser.add_argument(
+        "--score-cache",
+        type=Path,
+        help="SQLite cache of router scores (model, prompt version, caption): a rerun or --resume never scores a caption twice",
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="routing thresholds JSON (RoutingPolicy.save); default thresholds otherwise",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=_positive,
+        default=2048,
+        help="downscale (Lanczos, aspect kept) images whose longest side exceeds this (default 2048)",
+    )
+    parser.add_argument(
+        "--tiling", action="store_true", help="tiled VAE encode/decode (for large --max-side)"
+    )
+    parser.add_argument(
+        "--require-captions",
+        action="store_true",
+        help="skip images without a caption line instead of routing them by the image fallback",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in --out: skip images its shards hold, redo the rest",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
     return parser
 
 
 def decode_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cat-tokenize decode", description="Reconstruct a cat-tokenize output folder as PNG files.")
+    parser = _Parser(
+        prog="cat-tokenize decode", description="Reconstruct a cat-tokenize output folder as PNG files."
+    )
     parser.add_argument("--tokens", required=True, type=Path, help="the --out folder of a cat-tokenize run")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the reconstructed PNGs (subfolders kept)")
-    parser.add_argument("--vae", help="NestedVAE to decode with (default: the one recorded in TOKENS/run.json)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for the reconstructed PNGs (subfolders kept)"
+    )
+    parser.add_argument(
+        "--vae", help="NestedVAE to decode with (default: the one recorded in TOKENS/run.json)"
+    )
     parser.add_argument("--batch-size", type=_positive, default=8, help="latents per VAE call (default 8)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -192,9 +261,13 @@ def _check_resume_settings(out_dir: Path, settings: dict) -> None:
     if not previous_path.exists():
         return
     previous = json.loads(previous_path.read_text())
-    changed = [k for k in ("vae", "router_model", "ratio", "max_side", "policy") if previous.get(k) != settings[k]]
+    changed = [
+        k for k in ("vae", "router_model", "ratio", "max_side", "policy") if previous.get(k) != settings[k]
+    ]
     if changed:
-        raise FatalError(f"--resume with different settings than the run in {out_dir} ({', '.join(changed)} changed)")
+        raise FatalError(
+            f"--resume with different settings than the run in {out_dir} ({', '.join(changed)} changed)"
+        )
 
 
 def _load_tokenizer(args, policy):
@@ -209,8 +282,14 @@ def _load_tokenizer(args, policy):
         vae.enable_tiling()
     router = None if args.ratio is not None else args.router_model
     options = {"cache_path": str(args.score_cache)} if args.score_cache else {}
-    return CATTokenizer(vae, scorer=router, policy=policy, router_backend=args.router_backend,
-                        max_side=args.max_side, router_options=options)
+    return CATTokenizer(
+        vae,
+        scorer=router,
+        policy=policy,
+        router_backend=args.router_backend,
+        max_side=args.max_side,
+        router_options=options,
+    )
 
 
 def _load_scorer_or_fail(tokenizer, quiet: bool):
@@ -263,12 +342,16 @@ def _calibrated_policy(state, tokenizer, my_items, all_scores: dict, target: flo
     if not values:
         raise FatalError("--target-mean-tokens: no image could be scored for calibration")
     try:
-        return RoutingPolicy.calibrate(values, target_mean_tokens=target, image_size=256, base=tokenizer.policy)
+        return RoutingPolicy.calibrate(
+            values, target_mean_tokens=target, image_size=256, base=tokenizer.policy
+        )
     except ValueError as error:
         raise FatalError(f"--target-mean-tokens: {error}") from None
 
 
-def _encode_chunk(tokenizer, chunk: list[WorkItem], args, prescored: dict | None, errors: list, writer) -> int:
+def _encode_chunk(
+    tokenizer, chunk: list[WorkItem], args, prescored: dict | None, errors: list, writer
+) -> int:
     """Load, route, encode and queue one chunk; bad images become error records. Returns #done."""
     from cat_tokenizer.images import ImageLoadError, load_image
 
@@ -282,8 +365,11 @@ def _encode_chunk(tokenizer, chunk: list[WorkItem], args, prescored: dict | None
     def encode(pairs):
         scores = None if prescored is None else [prescored.get(item.id) for item, _ in pairs]
         return tokenizer.encode_batch(
-            [image for _, image in pairs], [item.caption for item, _ in pairs], args.ratio,
-            scores=scores, batch_size=args.batch_size,
+            [image for _, image in pairs],
+            [item.caption for item, _ in pairs],
+            args.ratio,
+            scores=scores,
+            batch_size=args.batch_size,
         )
 
     try:
@@ -294,13 +380,21 @@ def _encode_chunk(tokenizer, chunk: list[WorkItem], args, prescored: dict | None
             try:
                 encoded.append((pair, encode([pair])[0]))
             except Exception as error:
-                errors.append({"path": pair[0].id, "line": pair[0].line, "reason": f"encoding failed: {type(error).__name__}: {error}"})
+                errors.append(
+                    {
+                        "path": pair[0].id,
+                        "line": pair[0].line,
+                        "reason": f"encoding failed: {type(error).__name__}: {error}",
+                    }
+                )
     for (item, _), result in encoded:
         writer.add(item.id, result, {"path": item.id, "caption": item.caption, "caption_line": item.line})
     return len(encoded)
 
 
-def summarize(records: list[dict], errors: list[dict], skipped: int, wall_s: float, process_stats: list[dict]) -> dict:
+def summarize(
+    records: list[dict], errors: list[dict], skipped: int, wall_s: float, process_stats: list[dict]
+) -> dict:
     """The end-of-run numbers: counts, tokens per ratio, mean tokens vs fixed 16x, speed, time split.
 
     ``process_stats``: per process, images done this run and seconds spent in setup (model
@@ -385,7 +479,9 @@ def run_tokenize(args) -> int:
         policy = RoutingPolicy.load(saved_policy)  # keep the first run's calibration
     existing = store.shard_paths(out_dir)
     if existing and not args.resume:
-        raise FatalError(f"{out_dir} already holds {len(existing)} shard(s) of an earlier run; pass --resume or use an empty folder")
+        raise FatalError(
+            f"{out_dir} already holds {len(existing)} shard(s) of an earlier run; pass --resume or use an empty folder"
+        )
     if args.resume:
         _check_resume_settings(out_dir, _run_settings(args, policy))
 
@@ -411,7 +507,9 @@ def run_tokenize(args) -> int:
     if args.ratio is None and (args.router_backend == "vllm" or args.target_mean_tokens is not None):
         prescored = _prescore(tokenizer, my_items)
     if args.target_mean_tokens is not None and not (args.resume and saved_policy.exists()):
-        tokenizer.policy = _calibrated_policy(state, tokenizer, my_items, prescored, args.target_mean_tokens, args.max_side)
+        tokenizer.policy = _calibrated_policy(
+            state, tokenizer, my_items, prescored, args.target_mean_tokens, args.max_side
+        )
         if state.is_main_process:
             tokenizer.policy.save(saved_policy)
     settings = _run_settings(args, tokenizer.policy)
@@ -450,7 +548,9 @@ def _merge_outputs(out_dir: Path, plan, process_stats: list[dict], wall_s: float
     ids = [r["id"] for r in records]
     if len(ids) != len(set(ids)):
         duplicated = sorted(k for k, n in Counter(ids).items() if n > 1)
-        raise FatalError(f"shards in {out_dir} hold duplicate images (e.g. {duplicated[0]}); the folder mixes runs")
+        raise FatalError(
+            f"shards in {out_dir} hold duplicate images (e.g. {duplicated[0]}); the folder mixes runs"
+        )
     store.write_jsonl(out_dir / store.MANIFEST, records)
     parts = sorted(out_dir.glob("errors.rank*.jsonl"))
     image_errors = [e for part in parts for e in store.read_jsonl(part)]
@@ -469,7 +569,10 @@ def _merge_outputs(out_dir: Path, plan, process_stats: list[dict], wall_s: float
 def _png_names(ids: list[str]) -> dict[str, str]:
     """Image id -> output PNG path: ``a/b.jpg`` -> ``a/b.png``, or ``a/b.jpg.png`` if that collides."""
     stems = Counter(str(Path(i).with_suffix(".png")) for i in ids)
-    return {i: (str(Path(i).with_suffix(".png")) if stems[str(Path(i).with_suffix(".png"))] == 1 else i + ".png") for i in ids}
+    return {
+        i: (str(Path(i).with_suffix(".png")) if stems[str(Path(i).with_suffix(".png"))] == 1 else i + ".png")
+        for i in ids
+    }
 
 
 def run_decode(args) -> int:
@@ -506,7 +609,9 @@ def run_decode(args) -> int:
                 try:
                     loaded.append((record, store.load_latent(tokens_dir, record)))
                 except Exception as error:
-                    errors.append({"path": record["id"], "line": None, "reason": f"cannot read latent: {error}"})
+                    errors.append(
+                        {"path": record["id"], "line": None, "reason": f"cannot read latent: {error}"}
+                    )
             images = tokenizer.decode_batch([enc for _, enc in loaded], batch_size=args.batch_size)
             for (record, _), image in zip(loaded, images):
                 target = args.out / names[record["id"]]
@@ -518,7 +623,10 @@ def run_decode(args) -> int:
     if errors:
         store.write_jsonl(args.out / store.ERRORS, errors)
     wall = time.perf_counter() - started
-    _log(f"decoded {len(records) - len(errors)} image(s) to {args.out}, failed {len(errors)}, {wall:.1f} s", args.quiet)
+    _log(
+        f"decoded {len(records) - len(errors)} image(s) to {args.out}, failed {len(errors)}, {wall:.1f} s",
+        args.quiet,
+    )
     return 2 if errors else 0
 
 
@@ -544,7 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CAT_TOKENIZE_DEBUG"):
             raise
         message = " ".join(str(error).split()) or "no message"
-        print(f"cat-tokenize: error: {type(error).__name__}: {message} (CAT_TOKENIZE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"cat-tokenize: error: {type(error).__name__}: {message} (CAT_TOKENIZE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

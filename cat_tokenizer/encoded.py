@@ -122,7 +122,9 @@ class Encoded:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 if metadata.get("format") != FORMAT:
-                    raise ValueError(f"{path}: not a cat-tokenizer Encoded file (format {metadata.get('format')!r})")
+                    raise ValueError(
+                        f"{path}: not a cat-tokenizer Encoded file (format {metadata.get('format')!r})"
+                    )
                 latent = handle.get_tensor("latent")
         except SafetensorError as error:
             raise ValueError(f"{path}: not a readable safetensors file ({error})") from None

@@ -102,15 +102,25 @@ def plan_work(images_dir: Path, captions_path: Path | None, require_captions: bo
         for entry in parsed.entries:
             image_id = normalise_image_key(entry.image)
             if image_id is None:
-                plan.errors.append(_error(entry.image, entry.line, "image path is absolute or outside --images"))
+                plan.errors.append(
+                    _error(entry.image, entry.line, "image path is absolute or outside --images")
+                )
                 continue
             if image_id in captioned:
                 first = captioned[image_id].line
-                plan.errors.append(_error(entry.image, entry.line, f"duplicate entry for '{image_id}' (first given on line {first}; this line ignored)"))
+                plan.errors.append(
+                    _error(
+                        entry.image,
+                        entry.line,
+                        f"duplicate entry for '{image_id}' (first given on line {first}; this line ignored)",
+                    )
+                )
                 continue
             path = images_dir / image_id
             if not path.is_file():
-                plan.errors.append(_error(image_id, entry.line, f"caption for a missing file: {path} does not exist"))
+                plan.errors.append(
+                    _error(image_id, entry.line, f"caption for a missing file: {path} does not exist")
+                )
                 continue
             captioned[image_id] = WorkItem(image_id, path, entry.caption, entry.line)
     items = dict(captioned)

@@ -131,7 +131,11 @@ class ShardWriter:
         self.rank = rank
         self.shard_size = shard_size
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        own = [int(_SHARD_NAME.match(p.name)[2]) for p in shard_paths(out_dir) if int(_SHARD_NAME.match(p.name)[1]) == rank]
+        own = [
+            int(_SHARD_NAME.match(p.name)[2])
+            for p in shard_paths(out_dir)
+            if int(_SHARD_NAME.match(p.name)[1]) == rank
+        ]
         self.next_sequence = max(own, default=-1) + 1
         self.pending: list[tuple[str, Encoded, dict]] = []
         self.committed: list[dict] = []

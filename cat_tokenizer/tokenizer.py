@@ -65,8 +65,15 @@ class CATTokenizer:
             disables the limit (then consider ``vae.enable_tiling()`` for large images).
     """
 
-    def __init__(self, vae, scorer=None, policy=None, router_backend: str = "transformers",
-                 max_side: int | None = DEFAULT_MAX_SIDE, router_options: dict | None = None):
+    def __init__(
+        self,
+        vae,
+        scorer=None,
+        policy=None,
+        router_backend: str = "transformers",
+        max_side: int | None = DEFAULT_MAX_SIDE,
+        router_options: dict | None = None,
+    ):
         from router import RoutingPolicy
 
         self.vae = vae.eval()
@@ -120,7 +127,9 @@ class CATTokenizer:
             path = Path(path)
             config_path = path / BUNDLE_CONFIG
             if not config_path.is_file():
-                raise FileNotFoundError(f"{path}: no {BUNDLE_CONFIG} (not written by CATTokenizer.save_pretrained)")
+                raise FileNotFoundError(
+                    f"{path}: no {BUNDLE_CONFIG} (not written by CATTokenizer.save_pretrained)"
+                )
             bundle = json.loads(config_path.read_text())
             if vae == "default":
                 vae = path / bundle["vae"]
@@ -138,8 +147,14 @@ class CATTokenizer:
             vae = NestedVAE.from_pretrained(str(vae), device=device, dtype=dtype)
         if isinstance(policy, (str, Path)):
             policy = RoutingPolicy.load(policy)
-        return cls(vae, scorer=router, policy=policy, router_backend=router_backend, max_side=max_side,
-                   router_options=router_options)
+        return cls(
+            vae,
+            scorer=router,
+            policy=policy,
+            router_backend=router_backend,
+            max_side=max_side,
+            router_options=router_options,
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``vae/`` (NestedVAE.save_pretrained), ``policy.json`` and ``cat_tokenizer.json``.
@@ -177,7 +192,9 @@ class CATTokenizer:
                 if isinstance(self._scorer, (str, Path)):
                     from router import load_scorer
 
-                    self._scorer = load_scorer(str(self._scorer), backend=self.router_backend, **self.router_options)
+                    self._scorer = load_scorer(
+                        str(self._scorer), backend=self.router_backend, **self.router_options
+                    )
         return self._scorer
 
     def score_captions(self, captions: Sequence[str | None]) -> list:
@@ -286,7 +303,9 @@ class CATTokenizer:
                         size=(height, width),
                         padding=padding,
                         scaling_factor=scaling_factor,
-                        extra={"flags": dict(complexity.flags)} if complexity is not None and complexity.flags else {},
+                        extra={"flags": dict(complexity.flags)}
+                        if complexity is not None and complexity.flags
+                        else {},
                     )
         self.timings["vae_encode_s"] += time.perf_counter() - started
         return results
@@ -318,7 +337,9 @@ class CATTokenizer:
                 latents = torch.stack([encoded[i].latent for i in chunk]).to(self.device, self.dtype)
                 pixels = self.vae.decode(latents, group_ratio, output_size=size).sample.float().cpu()
                 for row, index in enumerate(chunk):
-                    results[index] = tensor_to_pil(pixels[row]) if output == "pil" else pixels[row].clamp(-1, 1)
+                    results[index] = (
+                        tensor_to_pil(pixels[row]) if output == "pil" else pixels[row].clamp(-1, 1)
+                    )
         return results
 
     def decode(self, encoded: Encoded, output: str = "pil"):

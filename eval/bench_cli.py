@@ -21,6 +21,10 @@ shards. From the run's ``summary.json``: ``setup`` (imports + model loading), ``
 NestedVAE of the same default configuration is timed instead (same architecture, same cost) and
 the results say so.
 
+Threads: ``--threads`` (default 1) sets ``OMP_NUM_THREADS`` of the timed processes. On a shared
+machine OpenMP spin-waiting makes 2 threads many times slower than 1 once other jobs compete for
+the cores; on a quiet dedicated machine try ``--threads`` = number of cores.
+
 Writes ``eval/results/bench_cli.json`` and ``bench_cli.md`` (override with ``--out``).
 """
 
@@ -81,7 +85,14 @@ def resolve_vae(name: str, folder: Path) -> tuple[str, str]:
 
 
 def run_mode(
-    mode: str, images: Path, captions: Path, out: Path, vae: str, router_model: str, batch_size: int
+    mode: str,
+    images: Path,
+    captions: Path,
+    out: Path,
+    vae: str,
+    router_model: str,
+    batch_size: int,
+    threads: int,
 ) -> dict:
     command = [
         sys.executable,
@@ -102,8 +113,9 @@ def run_mode(
         "--quiet",
         *MODES[mode],
     ]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     process_wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{mode}: cat-tokenize exited {result.returncode}: {result.stderr.strip()[-2000:]}")
@@ -153,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", default="default")
     parser.add_argument("--router-model", default="default")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OMP_NUM_THREADS of the timed processes (default 1)"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "eval" / "results")
     args = parser.parse_args(argv)
 
@@ -171,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 vae,
                 args.router_model,
                 args.batch_size,
+                args.threads,
             )
             for mode in MODES
         ]
@@ -186,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "router_model": args.router_model,
         "device": "cpu",
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": args.threads,
         "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     note = (
         f"# cat-tokenize end to end: {args.images} devset images at {args.size}x{args.size}, CPU\n\n"
         f"VAE: {vae_description}. Router: {args.router_model}. Batch size {args.batch_size}. "
-        f"{os.cpu_count()} CPU cores, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
+        f"{os.cpu_count()} CPU cores, {args.threads} thread(s) per process, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
         f"{table}\n"
     )
     (args.out / "bench_cli.md").write_text(note)

@@ -93,7 +93,9 @@ def test_ratio_override_wins_over_caption(tokenizer):
 def test_encode_batch_one_router_call_grouped_vae_calls_input_order(tiny_vae_dir, tokenizer):
     counting = CountingScorer(tokenizer.scorer)
     # Thresholds that put every caption score at 16x, so grouping is by size alone here.
-    batch_tok = CATTokenizer.from_pretrained(vae=tiny_vae_dir, router=counting, policy=RoutingPolicy(0.0, 10.0))
+    batch_tok = CATTokenizer.from_pretrained(
+        vae=tiny_vae_dir, router=counting, policy=RoutingPolicy(0.0, 10.0)
+    )
     encode_calls = []
     real_encode = batch_tok.vae.encode
 
@@ -130,7 +132,9 @@ def test_deterministic_by_default_sampling_on_request(tokenizer):
     image = _image(32, 32, seed=3)
     first, second = tokenizer.encode(image, ratio=16), tokenizer.encode(image, ratio=16)
     assert torch.equal(first.latent, second.latent)
-    draw = lambda seed: tokenizer.encode(image, ratio=16, sample=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed: tokenizer.encode(
+        image, ratio=16, sample=True, generator=torch.Generator().manual_seed(seed)
+    )  # noqa: E731
     assert torch.equal(draw(1).latent, draw(1).latent)
     assert not torch.equal(draw(1).latent, draw(2).latent)
     assert not torch.equal(draw(1).latent, first.latent)
@@ -146,8 +150,10 @@ def test_decode_returns_the_encoded_size_as_pil_or_tensor(tokenizer):
     with torch.inference_mode():
         direct = tokenizer.vae.decode(encoded.latent[None], 8, output_size=(50, 70)).sample[0].clamp(-1, 1)
     torch.testing.assert_close(tensor, direct)
-    np.testing.assert_array_equal(np.asarray(pil), np.asarray(Image.fromarray(
-        ((direct.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy())))
+    np.testing.assert_array_equal(
+        np.asarray(pil),
+        np.asarray(Image.fromarray(((direct.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy())),
+    )
 
 
 def test_decode_batch_keeps_order_across_ratios_and_sizes(tokenizer):
@@ -183,7 +189,9 @@ def test_encoded_load_rejects_other_files(tmp_path):
 
 def test_save_pretrained_round_trip(tiny_vae_dir, tiny_llama_dir, tmp_path):
     policy = RoutingPolicy(low=3.0, high=5.0)
-    original = CATTokenizer.from_pretrained(vae=tiny_vae_dir, router=str(tiny_llama_dir), policy=policy, max_side=96)
+    original = CATTokenizer.from_pretrained(
+        vae=tiny_vae_dir, router=str(tiny_llama_dir), policy=policy, max_side=96
+    )
     original.save_pretrained(tmp_path / "bundle")
     restored = CATTokenizer.from_pretrained(tmp_path / "bundle")
     assert (restored.policy.low, restored.policy.high, restored.max_side) == (3.0, 5.0, 96)

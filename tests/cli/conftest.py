@@ -90,26 +90,38 @@ def awkward_folder(tmp_path_factory):
     (images / "notes.txt").write_text("not an image extension: ignored unless a caption names it\n")
 
     lines = [
-        json.dumps({"image": "photo.jpg", "caption": "a noisy photo of static"}),            # 1
-        json.dumps({"file_name": "cmyk.jpg", "text": "a CMYK print scan"}),                   # 2
-        json.dumps({"image": "gray16.png", "caption": "a 16-bit gradient"}),                   # 3
-        json.dumps({"image": "rgba.png", "caption": "a transparent logo"}),                    # 4
-        json.dumps({"image": "gray.png", "caption": ""}),                                      # 5 empty
-        json.dumps({"image": "exif_rotated.jpg", "caption": "a phone photo in portrait"}),      # 6
-        json.dumps({"image": "one_pixel.png", "caption": "a single red pixel"}),               # 7
-        json.dumps({"image": "huge.jpg", "caption": "a plain blue sky"}),                      # 8
-        json.dumps({"image": "truncated.jpg", "caption": "a cut-off download"}),               # 9
-        json.dumps({"image": "not_an_image.png", "caption": "not really an image"}),           # 10
-        '{"image": "sub/nested.png", "caption": broken json',                                  # 11 bad JSON
-        json.dumps({"image": "missing.jpg", "caption": "a file that is not there"}),           # 12
-        json.dumps({"image": "./cmyk.jpg", "caption": "the same image again"}),                # 13 duplicate
+        json.dumps({"image": "photo.jpg", "caption": "a noisy photo of static"}),  # 1
+        json.dumps({"file_name": "cmyk.jpg", "text": "a CMYK print scan"}),  # 2
+        json.dumps({"image": "gray16.png", "caption": "a 16-bit gradient"}),  # 3
+        json.dumps({"image": "rgba.png", "caption": "a transparent logo"}),  # 4
+        json.dumps({"image": "gray.png", "caption": ""}),  # 5 empty
+        json.dumps({"image": "exif_rotated.jpg", "caption": "a phone photo in portrait"}),  # 6
+        json.dumps({"image": "one_pixel.png", "caption": "a single red pixel"}),  # 7
+        json.dumps({"image": "huge.jpg", "caption": "a plain blue sky"}),  # 8
+        json.dumps({"image": "truncated.jpg", "caption": "a cut-off download"}),  # 9
+        json.dumps({"image": "not_an_image.png", "caption": "not really an image"}),  # 10
+        '{"image": "sub/nested.png", "caption": broken json',  # 11 bad JSON
+        json.dumps({"image": "missing.jpg", "caption": "a file that is not there"}),  # 12
+        json.dumps({"image": "./cmyk.jpg", "caption": "the same image again"}),  # 13 duplicate
     ]
-    raw = "\n".join(lines).encode("utf-8") + b"\n" + b'{"image": "palette.png", "caption": "caf\xe9"}\n'  # 14 latin-1
+    raw = (
+        "\n".join(lines).encode("utf-8") + b"\n" + b'{"image": "palette.png", "caption": "caf\xe9"}\n'
+    )  # 14 latin-1
     captions = root / "captions.jsonl"
     captions.write_bytes(raw)
     expectations = {
-        "ok": {"photo.jpg", "cmyk.jpg", "gray16.png", "rgba.png", "gray.png", "exif_rotated.jpg",
-               "one_pixel.png", "huge.jpg", "palette.png", "sub/nested.png"},
+        "ok": {
+            "photo.jpg",
+            "cmyk.jpg",
+            "gray16.png",
+            "rgba.png",
+            "gray.png",
+            "exif_rotated.jpg",
+            "one_pixel.png",
+            "huge.jpg",
+            "palette.png",
+            "sub/nested.png",
+        },
         "failed_images": {"truncated.jpg": "corrupt or truncated", "not_an_image.png": "not an image"},
         "failed_lines": {11: "not valid JSON", 12: "missing file", 13: "duplicate", 14: "UTF-8"},
         "fallback": {"gray.png", "palette.png", "sub/nested.png"},

@@ -28,10 +28,32 @@ def test_two_process_launch_splits_the_images_and_rank0_merges(tiny_vae_dir, tmp
     # --multi_gpu on a GPU-less host makes accelerate use torchrun; cat-tokenize then asks for a
     # CPU state, which accelerate sets up as a gloo process group (DistributedType.MULTI_CPU).
     command = [
-        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "cat_tokenizer.cli", "--images", str(tmp_path / "images"), "--out", str(out),
-        "--vae", str(tiny_vae_dir), "--ratio", "16", "--shard-size", "2", "--quiet",
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "cat_tokenizer.cli",
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(out),
+        "--vae",
+        str(tiny_vae_dir),
+        "--ratio",
+        "16",
+        "--shard-size",
+        "2",
+        "--quiet",
     ]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
@@ -42,7 +64,10 @@ def test_two_process_launch_splits_the_images_and_rank0_merges(tiny_vae_dir, tmp
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     ids = [record["id"] for record in manifest]
     assert sorted(ids) == sorted(names) and len(ids) == len(set(ids))  # union = input set, no duplicates
-    by_rank = {rank: {r["id"] for r in manifest if r["shard"].startswith(f"shards/{rank}")} for rank in ("r00", "r01")}
+    by_rank = {
+        rank: {r["id"] for r in manifest if r["shard"].startswith(f"shards/{rank}")}
+        for rank in ("r00", "r01")
+    }
     assert by_rank["r00"] and by_rank["r01"] and not by_rank["r00"] & by_rank["r01"]
     assert sorted(r["id"] for r in read_shard_records(out)) == sorted(names)
     assert not list(out.glob("errors.rank*")) and (out / "errors.jsonl").read_text() == ""

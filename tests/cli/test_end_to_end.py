@@ -30,7 +30,9 @@ def _read_jsonl(path):
 
 
 def _write_captions(path, records):
-    path.write_text("".join(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in records))
+    path.write_text(
+        "".join(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in records)
+    )
     return path
 
 
@@ -38,8 +40,24 @@ def _tokenize_and_decode(devset_dir, devset_sample, tmp_path, vae, router_model,
     captions = _write_captions(tmp_path / "captions.jsonl", devset_sample)
     tokens, recon = tmp_path / "tokens", tmp_path / "recon"
     # --require-captions: the devset folder holds ~350 images; only the captioned sample is wanted.
-    code = main(["--images", str(devset_dir), "--captions", str(captions), "--out", str(tokens), "--vae", str(vae),
-                 "--router-model", str(router_model), "--max-side", str(max_side), "--require-captions", "--quiet"])
+    code = main(
+        [
+            "--images",
+            str(devset_dir),
+            "--captions",
+            str(captions),
+            "--out",
+            str(tokens),
+            "--vae",
+            str(vae),
+            "--router-model",
+            str(router_model),
+            "--max-side",
+            str(max_side),
+            "--require-captions",
+            "--quiet",
+        ]
+    )
     assert code == 0, (tokens / "errors.jsonl").read_text()
     assert main(["decode", "--tokens", str(tokens), "--out", str(recon), "--quiet"]) == 0
     manifest = {r["id"]: r for r in _read_jsonl(tokens / "manifest.jsonl")}
@@ -60,8 +78,12 @@ def _check_routing_and_tokens(manifest, devset_sample, scorer):
         assert entry["tokens"] == (padded_h // entry["ratio"]) * (padded_w // entry["ratio"])
 
 
-def test_devset_images_route_by_caption_and_count_tokens(devset_dir, devset_sample, tmp_path, tiny_vae_dir, tiny_llama_dir):
-    manifest, recon = _tokenize_and_decode(devset_dir, devset_sample, tmp_path, tiny_vae_dir, tiny_llama_dir, max_side=64)
+def test_devset_images_route_by_caption_and_count_tokens(
+    devset_dir, devset_sample, tmp_path, tiny_vae_dir, tiny_llama_dir
+):
+    manifest, recon = _tokenize_and_decode(
+        devset_dir, devset_sample, tmp_path, tiny_vae_dir, tiny_llama_dir, max_side=64
+    )
     _check_routing_and_tokens(manifest, devset_sample, load_scorer(str(tiny_llama_dir)))
     for image_id, entry in manifest.items():
         with Image.open(recon / (image_id.rsplit(".", 1)[0] + ".png")) as image:
@@ -79,11 +101,15 @@ def _shipped_parts_missing() -> str | None:
 
 
 @pytest.mark.integration
-def test_shipped_checkpoint_reconstructs_devset_images_above_a_psnr_floor(devset_dir, devset_sample, tmp_path):
+def test_shipped_checkpoint_reconstructs_devset_images_above_a_psnr_floor(
+    devset_dir, devset_sample, tmp_path
+):
     missing = _shipped_parts_missing()
     if missing:
         pytest.skip(missing)
-    manifest, recon = _tokenize_and_decode(devset_dir, devset_sample, tmp_path, "default", "default", max_side=256)
+    manifest, recon = _tokenize_and_decode(
+        devset_dir, devset_sample, tmp_path, "default", "default", max_side=256
+    )
     _check_routing_and_tokens(manifest, devset_sample, load_scorer("default"))
     for image_id, entry in manifest.items():
         original = pil_to_tensor(limit_max_side(load_image(devset_dir / image_id), 256))

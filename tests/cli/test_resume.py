@@ -30,13 +30,31 @@ def _shard_keys(out):
 def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path, write_small_images):
     names = write_small_images(tmp_path / "images", 24)
     out = tmp_path / "out"
-    args = ["--images", str(tmp_path / "images"), "--out", str(out), "--vae", str(tiny_vae_dir),
-            "--ratio", "16", "--shard-size", "2", "--batch-size", "2", "--quiet"]
-    process = subprocess.Popen([sys.executable, "-m", "cat_tokenizer.cli", *args], stderr=subprocess.PIPE)
+    args = [
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(out),
+        "--vae",
+        str(tiny_vae_dir),
+        "--ratio",
+        "16",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cat_tokenizer.cli", *args], stderr=subprocess.PIPE, env=environment
+    )
     deadline = time.monotonic() + 120
     while not shard_paths(out) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+    assert process.poll() is None, (
+        "the run ended before it could be killed: " + process.stderr.read().decode()
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
@@ -60,8 +78,17 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path
 
 def test_resume_of_a_finished_run_does_nothing(tiny_vae_dir, tmp_path, write_small_images):
     write_small_images(tmp_path / "images", 3)
-    args = ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--vae", str(tiny_vae_dir),
-            "--ratio", "8", "--quiet"]
+    args = [
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "out"),
+        "--vae",
+        str(tiny_vae_dir),
+        "--ratio",
+        "8",
+        "--quiet",
+    ]
     assert main(args) == 0
     before = (tmp_path / "out" / "manifest.jsonl").read_text()
     assert main(args + ["--resume"]) == 0
@@ -71,7 +98,15 @@ def test_resume_of_a_finished_run_does_nothing(tiny_vae_dir, tmp_path, write_sma
 
 def test_resume_with_other_settings_is_refused(tiny_vae_dir, tmp_path, write_small_images, capsys):
     write_small_images(tmp_path / "images", 2)
-    args = ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--vae", str(tiny_vae_dir), "--quiet"]
+    args = [
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "out"),
+        "--vae",
+        str(tiny_vae_dir),
+        "--quiet",
+    ]
     assert main(args + ["--ratio", "8"]) == 0
     assert main(args + ["--ratio", "32", "--resume"]) == 1
     assert "different settings" in capsys.readouterr().err

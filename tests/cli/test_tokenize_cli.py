@@ -29,8 +29,21 @@ def _tokenize(images, out, vae, *extra):
 def awkward_run(awkward_folder, tiny_vae_dir, tiny_llama_dir, tmp_path_factory):
     images, captions, expect = awkward_folder
     out = tmp_path_factory.mktemp("awkward_out") / "tokens"
-    code = _tokenize(images, out, tiny_vae_dir, "--captions", captions, "--router-model", tiny_llama_dir,
-                     "--max-side", 64, "--shard-size", 4, "--batch-size", 3)
+    code = _tokenize(
+        images,
+        out,
+        tiny_vae_dir,
+        "--captions",
+        captions,
+        "--router-model",
+        tiny_llama_dir,
+        "--max-side",
+        64,
+        "--shard-size",
+        4,
+        "--batch-size",
+        3,
+    )
     return code, out, expect
 
 
@@ -58,7 +71,11 @@ def test_manifest_records_match_the_shards(awkward_run):
             latent = handle.get_tensor(record["key"])
         assert list(latent.shape) == record["latent_shape"]
         assert torch.isfinite(latent).all()
-        assert record["tokens"] == latent.shape[1] * latent.shape[2] == tokens_for(record["ratio"], tuple(record["size"]))
+        assert (
+            record["tokens"]
+            == latent.shape[1] * latent.shape[2]
+            == tokens_for(record["ratio"], tuple(record["size"]))
+        )
 
 
 def test_awkward_images_are_normalised_as_documented(awkward_run):
@@ -84,7 +101,8 @@ def test_summary_counts_agree_with_the_files(awkward_run):
     assert sum(row["images"] for row in summary["per_ratio"].values()) == len(manifest)
     assert summary["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in manifest) / len(manifest))
     assert summary["mean_tokens_fixed16"] == pytest.approx(
-        sum(tokens_for(16, tuple(r["size"])) for r in manifest) / len(manifest))
+        sum(tokens_for(16, tuple(r["size"])) for r in manifest) / len(manifest)
+    )
     assert summary["images_per_s"] > 0
     assert not list(out.rglob("*.tmp")) and not list(out.glob("errors.rank*"))
 
@@ -100,23 +118,39 @@ def test_decode_writes_one_png_per_image_at_the_encoded_size(awkward_run, tmp_pa
             assert [image.height, image.width] == record["size"]
 
 
-def test_success_exits_zero_and_fixed_ratio_never_loads_the_router(tiny_vae_dir, tmp_path, write_small_images):
+def test_success_exits_zero_and_fixed_ratio_never_loads_the_router(
+    tiny_vae_dir, tmp_path, write_small_images
+):
     write_small_images(tmp_path / "images", 3)
     out = tmp_path / "out"
-    code = _tokenize(tmp_path / "images", out, tiny_vae_dir, "--ratio", 16, "--router-model", tmp_path / "no_model")
+    code = _tokenize(
+        tmp_path / "images", out, tiny_vae_dir, "--ratio", 16, "--router-model", tmp_path / "no_model"
+    )
     assert code == 0
     manifest = _read_jsonl(out / "manifest.jsonl")
     assert [(r["ratio"], r["score_source"], r["tokens"]) for r in manifest] == [(16, "override", 4)] * 3
     assert _read_jsonl(out / "errors.jsonl") == []
 
 
-def test_require_captions_skips_uncaptioned_images(tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images):
+def test_require_captions_skips_uncaptioned_images(
+    tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images
+):
     write_small_images(tmp_path / "images", 3)
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"image": "img_001.png", "caption": "static noise"}) + "\n")
     out = tmp_path / "out"
-    code = _tokenize(tmp_path / "images", out, tiny_vae_dir, "--captions", captions,
-                     "--router-model", tiny_llama_dir, "--require-captions", "--score-cache", tmp_path / "scores.sqlite")
+    code = _tokenize(
+        tmp_path / "images",
+        out,
+        tiny_vae_dir,
+        "--captions",
+        captions,
+        "--router-model",
+        tiny_llama_dir,
+        "--require-captions",
+        "--score-cache",
+        tmp_path / "scores.sqlite",
+    )
     assert code == 0
     assert [r["id"] for r in _read_jsonl(out / "manifest.jsonl")] == ["img_001.png"]
     assert json.loads((out / "summary.json").read_text())["skipped_without_caption"] == 2
@@ -124,13 +158,31 @@ def test_require_captions_skips_uncaptioned_images(tiny_vae_dir, tiny_llama_dir,
     assert list(cached) == ["static noise"]  # a rerun would not score this caption again
 
 
-def test_target_mean_tokens_calibrates_and_saves_the_policy(tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images):
+def test_target_mean_tokens_calibrates_and_saves_the_policy(
+    tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images
+):
     names = write_small_images(tmp_path / "images", 6)
     captions = tmp_path / "captions.jsonl"  # half captioned (LLM scores), half image fallback
-    captions.write_text("".join(json.dumps({"image": n, "caption": f"noise pattern {i}"}) + "\n" for i, n in enumerate(names[:3])))
+    captions.write_text(
+        "".join(
+            json.dumps({"image": n, "caption": f"noise pattern {i}"}) + "\n" for i, n in enumerate(names[:3])
+        )
+    )
     out = tmp_path / "out"
-    assert _tokenize(tmp_path / "images", out, tiny_vae_dir, "--captions", captions, "--router-model", tiny_llama_dir,
-                     "--target-mean-tokens", 256) == 0
+    assert (
+        _tokenize(
+            tmp_path / "images",
+            out,
+            tiny_vae_dir,
+            "--captions",
+            captions,
+            "--router-model",
+            tiny_llama_dir,
+            "--target-mean-tokens",
+            256,
+        )
+        == 0
+    )
     policy = RoutingPolicy.load(out / "policy.json")
     manifest = _read_jsonl(out / "manifest.jsonl")
     assert len(manifest) == len(names)
@@ -151,10 +203,21 @@ def test_target_mean_tokens_calibrates_and_saves_the_policy(tiny_vae_dir, tiny_l
         (["--unknown-flag"], "unrecognized arguments"),
     ],
 )
-def test_fatal_errors_exit_one_with_one_line(arguments, message, tiny_vae_dir, tmp_path, capsys, write_small_images):
+def test_fatal_errors_exit_one_with_one_line(
+    arguments, message, tiny_vae_dir, tmp_path, capsys, write_small_images
+):
     write_small_images(tmp_path / "images", 1)
-    base = ["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--vae", str(tiny_vae_dir),
-            "--ratio", "16", "--quiet"]
+    base = [
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "out"),
+        "--vae",
+        str(tiny_vae_dir),
+        "--ratio",
+        "16",
+        "--quiet",
+    ]
     assert main(base + arguments) == 1  # argparse: the last occurrence of a flag wins
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("cat-tokenize: error:") and message in err
@@ -173,8 +236,14 @@ def test_unwritable_output_and_existing_run_are_fatal(tiny_vae_dir, tmp_path, ca
 def test_console_script_reports_fatal_errors_without_traceback(tmp_path):
     script = shutil.which("cat-tokenize")
     command = [script] if script else [sys.executable, "-m", "cat_tokenizer.cli"]
-    result = subprocess.run(command + ["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        command + ["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"cat-tokenize: error: --images {tmp_path / 'nope'} is not a folder"]
+    assert result.stderr.strip().splitlines() == [
+        f"cat-tokenize: error: --images {tmp_path / 'nope'} is not a folder"
+    ]

@@ -132,9 +132,10 @@ def test_deterministic_by_default_sampling_on_request(tokenizer):
     image = _image(32, 32, seed=3)
     first, second = tokenizer.encode(image, ratio=16), tokenizer.encode(image, ratio=16)
     assert torch.equal(first.latent, second.latent)
-    draw = lambda seed: tokenizer.encode(
-        image, ratio=16, sample=True, generator=torch.Generator().manual_seed(seed)
-    )  # noqa: E731
+
+    def draw(seed):
+        return tokenizer.encode(image, ratio=16, sample=True, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(draw(1).latent, draw(1).latent)
     assert not torch.equal(draw(1).latent, draw(2).latent)
     assert not torch.equal(draw(1).latent, first.latent)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import set_seed
 from PIL import Image
@@ -213,14 +213,19 @@ class CSVTracker(GeneralTracker):
     def __init__(self, run_name: str, logging_dir: str | os.PathLike):
         super().__init__()
         self.run_name = run_name
-        directory = Path(logging_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "metrics.csv"
-        new = not self.path.exists()
-        self._handle = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in finish()
-        self._writer = csv.writer(self._handle)
-        if new:
-            self._writer.writerow(["step", "name", "value"])
+        self.path = Path(logging_dir) / "metrics.csv"
+        self._handle = None  # opened on first use, on the main process only
+        self._writer = None
+
+    def _open(self):
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            self._handle = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+            self._writer = csv.writer(self._handle)
+            if new:
+                self._writer.writerow(["step", "name", "value"])
+        return self._writer
 
     @property
     def tracker(self):
@@ -228,17 +233,20 @@ class CSVTracker(GeneralTracker):
 
     @on_main_process
     def store_init_configuration(self, values: dict):
+        self._open()
         (self.path.parent / "hparams.json").write_text(json.dumps(values, indent=2, default=str), encoding="utf-8")
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
+        writer = self._open()
         for name, value in values.items():
-            self._writer.writerow([step, name, value])
+            writer.writerow([step, name, value])
         self._handle.flush()
 
     @on_main_process
     def finish(self):
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,8 +390,7 @@ class Trainer:
         if self.config.tracker == "none":
             return None
         if self.config.tracker == "csv":
-            # Only the main process writes the CSV (the tracker opens its file on construction).
-            return [CSVTracker("train", self.output_dir / "logs")] if PartialState().is_main_process else None
+            return [CSVTracker("train", self.output_dir / "logs")]
         return self.config.tracker
 
     def _build_discriminator(self) -> torch.nn.Module:
@@ -534,6 +541,10 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         self.accelerator.init_trackers("nested_vae", config=_flat_hparams(config))
+        self.accelerator.print(
+            f"{self.accelerator.distributed_type}, world size {self.accelerator.num_processes}, "
+            f"device {self.device}, mixed precision {self.accelerator.mixed_precision}"
+        )
         if config.resume:
             path = self.load_checkpoint(config.resume)
             self.accelerator.print(f"resumed from {path} at step {self.state.step}")

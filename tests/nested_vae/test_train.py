@@ -110,7 +110,9 @@ def test_run_outputs_checkpoints_config_logs_grids_and_export(tmp_path, captions
 
 
 def test_discriminator_is_untouched_before_disc_start(tmp_path, captions_file):
-    config = load_config(None, _overrides(tmp_path / "run", captions_file, max_steps=2, **{"loss.disc_start": 5}))
+    config = load_config(
+        None, _overrides(tmp_path / "run", captions_file, max_steps=2, **{"loss.disc_start": 5})
+    )
     trainer = Trainer(config)
     before = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.disc).state_dict().items()}
     logs = trainer.train()
@@ -159,17 +161,27 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, captions_file):
 
 @pytest.mark.slow
 def test_two_process_cpu_accelerate_launch(tmp_path, captions_file):
-    """Two gloo processes on CPU through ``accelerate launch`` complete a few steps."""
+    """Two gloo processes on CPU through ``accelerate launch`` complete a few steps.
+
+    accelerate's ``--cpu`` launcher starts ONE process unless MPI is used; the torchrun launcher
+    (``--multi_gpu``) with ``ACCELERATE_USE_CPU=true`` gives MULTI_CPU with the gloo backend.
+    """
     output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "nested_vae.train",
         *_overrides(output, captions_file, max_steps=3, **{"loss.perceptual": "none", "cpu_threads": 1}),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI_CPU" in result.stdout and "world size 2" in result.stdout
     saved = json.loads((checkpoint_dirs(output)[-1] / "trainer_state.json").read_text())
     assert saved["step"] == 3
     # Both ranks saved their RNG state; the export exists once.

@@ -57,6 +57,7 @@ scale-out:
   accelerate launch --multi_gpu --num_processes N -m cat_tokenizer.cli --images ... --out ...
   splits the images across processes (on a machine without GPUs the processes form a CPU/gloo
   group); add --router-backend vllm to score each process's captions in one vLLM pass first.
+  Multi-node: --out must be on a filesystem every node sees (rank 0 merges the manifest there).
 """
 
 

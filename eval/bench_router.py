@@ -120,16 +120,26 @@ def run(args) -> dict:
         "backend": args.backend,
         "model": args.model,
         "captions_file": str(args.captions),
-        "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {
+            "cpu_threads": args.threads,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
         "runs": {},
     }
     reset_peak_rss()
     start = time.perf_counter()
     if args.backend == "transformers":
-        scorer = load_scorer(args.model, batch_size=args.batch_size, **({"dtype": args.dtype} if args.dtype else {}))
+        scorer = load_scorer(
+            args.model, batch_size=args.batch_size, **({"dtype": args.dtype} if args.dtype else {})
+        )
         result["dtype"] = str(scorer.dtype)
     else:
-        scorer = load_scorer(args.model, backend="vllm", dtype=args.dtype or "auto")
+        # On CPU, eager mode skips vLLM's inductor compilation (minutes on 2 cores, and it is not
+        # what limits a one-token-per-request workload).
+        eager = args.vllm_eager if args.vllm_eager is not None else not torch.cuda.is_available()
+        scorer = load_scorer(args.model, backend="vllm", dtype=args.dtype or "auto", enforce_eager=eager)
+        result["vllm_enforce_eager"] = eager
         result["dtype"] = args.dtype or "auto"
     result["load_seconds"] = round(time.perf_counter() - start, 2)
     result["load_peak_rss_mib"] = round(peak_rss_mib(), 1)
@@ -150,7 +160,9 @@ def run(args) -> dict:
         result["batch1_vs_batched_max_abs_diff"] = drift
 
     result["per_domain"] = per_domain_table(domains, scores)
-    result["scores"] = [{"caption": c, "domain": d, **s.to_dict()} for c, d, s in zip(captions, domains, scores)]
+    result["scores"] = [
+        {"caption": c, "domain": d, **s.to_dict()} for c, d, s in zip(captions, domains, scores)
+    ]
     return result
 
 
@@ -159,8 +171,16 @@ def compare_backends(result: dict, other_path: Path) -> None:
         return
     other = json.loads(other_path.read_text())
     by_caption = {row["caption"]: row for row in other["scores"]}
-    pairs = [(row["score"], by_caption[row["caption"]]["score"]) for row in result["scores"] if row["caption"] in by_caption]
-    ratings = [(row["rating"], by_caption[row["caption"]]["rating"]) for row in result["scores"] if row["caption"] in by_caption]
+    pairs = [
+        (row["score"], by_caption[row["caption"]]["score"])
+        for row in result["scores"]
+        if row["caption"] in by_caption
+    ]
+    ratings = [
+        (row["rating"], by_caption[row["caption"]]["rating"])
+        for row in result["scores"]
+        if row["caption"] in by_caption
+    ]
     if len(pairs) < 3:
         return
     result["agreement"] = {
@@ -173,12 +193,18 @@ def compare_backends(result: dict, other_path: Path) -> None:
 
 
 def print_report(result: dict) -> None:
-    print(f"router benchmark: backend={result['backend']} dtype={result['dtype']} threads={result['machine']['cpu_threads']}")
+    print(
+        f"router benchmark: backend={result['backend']} dtype={result['dtype']} threads={result['machine']['cpu_threads']}"
+    )
     print(f"  load: {result['load_seconds']} s, peak RSS {result['load_peak_rss_mib']} MiB")
     print(f"  {'run':<10} {'captions':>8} {'seconds':>9} {'captions/s':>11} {'peak RSS MiB':>13}")
     for name, stats in result["runs"].items():
-        print(f"  {name:<10} {stats['captions']:>8} {stats['seconds']:>9.2f} {stats['captions_per_s']:>11.2f} {stats['peak_rss_mib']:>13.1f}")
-    print(f"  {'domain':<10} {'n':>4} {'score':>6} {'rating':>6} {'P(text)':>8} {'P(face)':>8} {'P(chart)':>9}")
+        print(
+            f"  {name:<10} {stats['captions']:>8} {stats['seconds']:>9.2f} {stats['captions_per_s']:>11.2f} {stats['peak_rss_mib']:>13.1f}"
+        )
+    print(
+        f"  {'domain':<10} {'n':>4} {'score':>6} {'rating':>6} {'P(text)':>8} {'P(face)':>8} {'P(chart)':>9}"
+    )
     for domain, row in sorted(result["per_domain"].items(), key=lambda item: -item[1]["score"]):
         print(
             f"  {domain:<10} {row['n']:>4} {row['score']:>6.2f} {row['rating']:>6.2f} "
@@ -197,10 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     parser.add_argument("--model", default="default")
     parser.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS)
-    parser.add_argument("--limit", type=int, default=0, help="only the first N captions of each domain (0: all)")
+    parser.add_argument(
+        "--limit", type=int, default=0, help="only the first N captions of each domain (0: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batch1-per-domain", type=int, default=4, help="batch-1 timing on N captions per domain")
+    parser.add_argument(
+        "--batch1-per-domain", type=int, default=4, help="batch-1 timing on N captions per domain"
+    )
     parser.add_argument("--dtype", default=None, help="default: bf16 where the CPU supports it, else fp32")
+    parser.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM enforce_eager (default: on without CUDA)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None, help="default eval/results/router_<backend>.json")
     args = parser.parse_args(argv)

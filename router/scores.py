@@ -53,26 +53,35 @@ INSTRUCTION = (
 RATING_QUERY = "complexity"
 FLAG_QUERIES = ("text", "faces", "charts")
 QUERIES = {
-    RATING_QUERY: "Rate the visual complexity of this image from 1 to 9. Answer with one digit.",
-    "text": "Does the caption mention readable text, words, letters, numbers or a sign? Answer yes or no.",
-    "faces": "Does the caption mention a person's face? Answer yes or no.",
-    "charts": "Does the caption describe a chart, graph, diagram, table or map? Answer yes or no.",
+    RATING_QUERY: "Visual complexity from 1 to 9? Answer with one digit.",
+    "text": "Does the image contain readable text? Answer yes or no.",
+    "faces": "Does the image show a human face? Answer yes or no.",
+    "charts": "Is it a chart, diagram or drawing with fine lines? Answer yes or no.",
 }
 
-# Worked examples shown before every caption (invented, not from the devset). They sit in the
-# shared prefix, so they cost nothing per caption; a 0.5B model needs them to answer the
-# yes/no questions from the caption instead of answering "no" to everything.
+# Worked examples shown before every caption (invented, none from the devset). They sit in the
+# shared prefix, so they cost nothing per caption. They anchor the 1-9 scale (faces and text need
+# fine detail) and teach a 0.5B model to answer the yes/no questions from the caption instead of
+# answering "no" to everything.
 FEW_SHOT = (
     ("A plain white wall.", RATING_QUERY, "1"),
     ("A portrait photo of a smiling man with a grey beard.", "faces", "yes"),
     ("A street sign on a pole reading MAIN STREET.", "text", "yes"),
+    ("A flat icon of a house in two colours.", RATING_QUERY, "2"),
     ("A red apple on a wooden table.", "faces", "no"),
-    ("A line chart of monthly sales with labelled axes.", "charts", "yes"),
-    ("A busy street market crowded with people, stalls and signs.", RATING_QUERY, "7"),
+    ("A line chart of monthly sales with labelled axes and a legend.", "charts", "yes"),
+    ("A dog running on a beach under a clear sky.", RATING_QUERY, "5"),
     ("A green meadow with a few trees under a cloudy sky.", "text", "no"),
-    ("A cat sleeping on a sofa.", "charts", "no"),
-    ("Clip art of a yellow star on a white background.", RATING_QUERY, "2"),
+    ("A close-up of an old woman's face with wrinkles and grey hair.", RATING_QUERY, "7"),
+    ("A cartoon cat chasing a ball of yarn.", "charts", "no"),
+    ("A screenshot of a settings menu with many small labels.", "text", "yes"),
+    ("Two children laughing at a birthday party.", "faces", "yes"),
+    ("A flow diagram of boxes connected by arrows with small captions.", RATING_QUERY, "8"),
+    ("A mountain lake at sunset.", "faces", "no"),
+    ("A cartoon sun with a smiling face, drawn with thick outlines.", "text", "no"),
+    ("A scatter plot of two clusters of points with a legend.", "charts", "yes"),
     ("A page of a printed book with two columns of small text.", RATING_QUERY, "9"),
+    ("A close-up portrait of a woman in a red scarf.", "charts", "no"),
 )
 
 # Stand-ins used to find where the caption and the question go in the rendered chat template.

@@ -145,6 +145,8 @@ def _from_dict(cls, data: dict, where: str):
             value = _from_dict(nested, value, f"{where}.{key}")
         elif key == "adam_betas":
             value = tuple(float(v) for v in value)
+        elif key == "mixed_precision" and value is False:
+            value = "no"  # YAML reads a bare `no` as False
         else:
             value = _coerce(value, kind, f"{where}.{key}")
         kwargs[key] = value

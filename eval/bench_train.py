@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=1,
         help="torch intra-op threads (1 by default: on a shared 2-core machine 2 threads spin-wait and run slower)",
     )
-    parser.add_argument("--captions", type=Path, default=DEFAULT_DEVSET, help="captions.jsonl of the images to crop")
+    parser.add_argument(
+        "--captions", type=Path, default=DEFAULT_DEVSET, help="captions.jsonl of the images to crop"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         calls, trainers = {}, {}
         for size in args.sizes:
             for phase in args.phases:
-                trainer = _trainer(size, args.batch, phase, args.captions, Path(tmp), args.device, args.mixed_precision)
+                trainer = _trainer(
+                    size, args.batch, phase, args.captions, Path(tmp), args.device, args.mixed_precision
+                )
                 trainers[(size, phase)] = trainer
                 calls[(size, phase)] = _step_call(trainer, _cycle(trainer.loader))
         for call in calls.values():  # warm-up

@@ -105,7 +105,9 @@ def load_training_dataset(config: DataConfig):
         if config.streaming:
             dataset = dataset.to_iterable_dataset()
     elif Path(source).is_dir():
-        dataset = datasets.load_dataset("imagefolder", data_dir=source, split=config.split, streaming=config.streaming)
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=source, split=config.split, streaming=config.streaming
+        )
     else:  # a Hub id; needs internet (or the HF cache)
         dataset = datasets.load_dataset(source, split=config.split, streaming=config.streaming)
     renames = {config.image_column: "image", config.caption_column: "caption", config.ratio_column: "ratio"}
@@ -145,7 +147,9 @@ def _apply_split_file(dataset, split_file: str, subset: str):
 # --------------------------------------------------------------------------------------------
 
 
-def random_crop(image: Image.Image, resolution: int, rng: random.Random, random_resize: bool, flip: bool) -> Image.Image:
+def random_crop(
+    image: Image.Image, resolution: int, rng: random.Random, random_resize: bool, flip: bool
+) -> Image.Image:
     """A ``resolution`` x ``resolution`` crop; small images are upscaled (bicubic) to fit first."""
     short = min(image.size)
     target_short = resolution

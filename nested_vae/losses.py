@@ -144,7 +144,9 @@ class NLayerDiscriminator(nn.Module):
             stabiliser; BatchNorm statistics and spectral norm interact badly).
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3, spectral_norm: bool = False):
+    def __init__(
+        self, in_channels: int = 3, channels: int = 64, n_layers: int = 3, spectral_norm: bool = False
+    ):
         super().__init__()
         wrap = nn.utils.spectral_norm if spectral_norm else (lambda module: module)
 
@@ -255,7 +257,9 @@ class VAELoss(nn.Module):
         terms["kl_loss"] = _kl_per_element(group.posterior, inputs[0].numel()).mean()
         return terms
 
-    def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    def adaptive_weight(
+        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
+    ) -> torch.Tensor:
         """||grad L_nll|| / (||grad L_gan|| + 1e-4) at the decoder's last layer, clamped and detached."""
         nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -396,4 +400,6 @@ class VAELoss(nn.Module):
             decay = self.config.lecam_decay
             self.lecam_ema_real.mul_(decay).add_((1 - decay) * real_mean.detach())
             self.lecam_ema_fake.mul_(decay).add_((1 - decay) * logits_fake_mean.detach())
-        return F.relu(real_mean - self.lecam_ema_fake).pow(2) + F.relu(self.lecam_ema_real - logits_fake_mean).pow(2)
+        return F.relu(real_mean - self.lecam_ema_fake).pow(2) + F.relu(
+            self.lecam_ema_real - logits_fake_mean
+        ).pow(2)

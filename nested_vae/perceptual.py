@@ -127,7 +127,9 @@ class EfficientNetFeatureDistance(_FrozenEvalMixin, nn.Module):
         weights = layer_weights if layer_weights is not None else [1.0 / len(self.taps)] * len(self.taps)
         if len(weights) != len(self.taps):
             raise ValueError(f"layer_weights has {len(weights)} entries for {len(self.taps)} taps")
-        self.register_buffer("layer_weights", torch.tensor(list(weights), dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "layer_weights", torch.tensor(list(weights), dtype=torch.float32), persistent=False
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         _freeze(self)

@@ -44,7 +44,13 @@ class RatioSampler:
         process_index: distributed rank, so ranks draw independently.
     """
 
-    def __init__(self, mode: str = "uniform", ratios: tuple[int, ...] = (8, 16, 32), seed: int = 0, process_index: int = 0):
+    def __init__(
+        self,
+        mode: str = "uniform",
+        ratios: tuple[int, ...] = (8, 16, 32),
+        seed: int = 0,
+        process_index: int = 0,
+    ):
         if mode not in MODES:
             raise ValueError(f"ratio sampling mode must be one of {MODES}, got {mode!r}")
         self.mode, self.ratios, self.seed, self.process_index = mode, tuple(ratios), seed, process_index
@@ -58,5 +64,8 @@ class RatioSampler:
         draws = torch.randint(len(self.ratios), (batch_size,), generator=generator)
         ratios = [self.ratios[int(i)] for i in draws]
         if self.mode == "router" and labels is not None:
-            ratios = [int(label) if int(label) in self.ratios else drawn for label, drawn in zip(labels.tolist(), ratios)]
+            ratios = [
+                int(label) if int(label) in self.ratios else drawn
+                for label, drawn in zip(labels.tolist(), ratios)
+            ]
         return RatioAssignment(torch.arange(batch_size), ratios)

@@ -140,7 +140,9 @@ def _from_dict(cls, data: dict, where: str):
         if key not in fields:
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
         kind = fields[key].type
-        nested = {"DataConfig": DataConfig, "LossConfig": LossConfig}.get(kind if isinstance(kind, str) else "")
+        nested = {"DataConfig": DataConfig, "LossConfig": LossConfig}.get(
+            kind if isinstance(kind, str) else ""
+        )
         if nested is not None:
             value = _from_dict(nested, value, f"{where}.{key}")
         elif key == "adam_betas":
@@ -236,7 +238,9 @@ class CSVTracker(GeneralTracker):
     @on_main_process
     def store_init_configuration(self, values: dict):
         self._open()
-        (self.path.parent / "hparams.json").write_text(json.dumps(values, indent=2, default=str), encoding="utf-8")
+        (self.path.parent / "hparams.json").write_text(
+            json.dumps(values, indent=2, default=str), encoding="utf-8"
+        )
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
@@ -271,7 +275,11 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -308,7 +316,10 @@ class _TrainerState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batches_in_epoch, self.skipped_steps = int(state["batches_in_epoch"]), int(state["skipped_steps"])
+        self.batches_in_epoch, self.skipped_steps = (
+            int(state["batches_in_epoch"]),
+            int(state["skipped_steps"]),
+        )
         self.loss.lecam_ema_real.copy_(state["lecam_ema_real"])
         self.loss.lecam_ema_fake.copy_(state["lecam_ema_fake"])
 
@@ -341,12 +352,19 @@ class Trainer:
         set_seed(config.seed)
         self.device = self.accelerator.device
 
-        vae = NestedVAE.from_pretrained(config.init_from) if config.init_from else NestedVAE(NestedVAEConfig.from_dict(config.model, source="model"))
+        vae = (
+            NestedVAE.from_pretrained(config.init_from)
+            if config.init_from
+            else NestedVAE(NestedVAEConfig.from_dict(config.model, source="model"))
+        )
         vae.train()
         self.loss = VAELoss(config.loss, total_steps=config.max_steps).to(self.device)
         disc = self._build_discriminator()
         opt_g = torch.optim.AdamW(
-            vae.parameters(), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
+            vae.parameters(),
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
         )
         opt_d = torch.optim.AdamW(
             disc.parameters(),
@@ -414,7 +432,9 @@ class Trainer:
         self.accelerator.save_state(str(temporary))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (temporary / "trainer_state.json").write_text(json.dumps(self.state.state_dict(), default=float, indent=2))
+            (temporary / "trainer_state.json").write_text(
+                json.dumps(self.state.state_dict(), default=float, indent=2)
+            )
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)
@@ -427,7 +447,9 @@ class Trainer:
         if which == "latest":
             found = checkpoint_dirs(self.output_dir)
             if not found:
-                raise FileNotFoundError(f"--resume=latest: no checkpoint in {self.output_dir / 'checkpoints'}")
+                raise FileNotFoundError(
+                    f"--resume=latest: no checkpoint in {self.output_dir / 'checkpoints'}"
+                )
             path = found[-1]
         else:
             path = Path(which)
@@ -449,7 +471,13 @@ class Trainer:
             posterior = [output.latent_dist[i] for i in positions.tolist()]
             positions = positions.to(reals.device)
             groups.append(
-                RatioGroup(ratio, inputs[positions], output.sample[positions], posterior, assignment.rows.to(reals.device)[positions])
+                RatioGroup(
+                    ratio,
+                    inputs[positions],
+                    output.sample[positions],
+                    posterior,
+                    assignment.rows.to(reals.device)[positions],
+                )
             )
         return reals, groups
 
@@ -541,7 +569,9 @@ class Trainer:
         config = self.config
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(config), sort_keys=False)
+            )
         self.accelerator.init_trackers("nested_vae", config=_flat_hparams(config))
         self.accelerator.print(
             f"{self.accelerator.distributed_type}, world size {self.accelerator.num_processes}, "
@@ -552,7 +582,9 @@ class Trainer:
             self.accelerator.print(f"resumed from {path} at step {self.state.step}")
         accumulation = config.gradient_accumulation_steps
         progress = tqdm(
-            total=config.max_steps, initial=self.state.step, disable=not self.accelerator.is_local_main_process
+            total=config.max_steps,
+            initial=self.state.step,
+            disable=not self.accelerator.is_local_main_process,
         )
         logs: dict[str, float] = {}
         started = time.monotonic()
@@ -575,7 +607,9 @@ class Trainer:
                     self.ema.update_parameters(self.accelerator.unwrap_model(self.vae))
                 self.state.step += 1
                 progress.update(1)
-                progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.count("/") == 1})
+                progress.set_postfix(
+                    {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.count("/") == 1}
+                )
                 if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
                     self.accelerator.log(logs, step=self.state.step)
                 if config.image_every and self.state.step % config.image_every == 0:
@@ -619,7 +653,9 @@ def _flat_hparams(config: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: NestedVAE, images: list[torch.Tensor], ratios: tuple[int, ...] = RATIOS) -> float:
+def latent_scaling_factor(
+    vae: NestedVAE, images: list[torch.Tensor], ratios: tuple[int, ...] = RATIOS
+) -> float:
     """1 / std of the posterior means of ``images`` over all ratios (the SD-style latent scale)."""
     values = []
     for image in images:
@@ -642,7 +678,11 @@ def export_checkpoint(
 
     checkpoint = Path(checkpoint)
     run_config = load_config(str(checkpoint.parent.parent / "config.yaml"))
-    vae = NestedVAE.from_pretrained(run_config.init_from) if run_config.init_from else NestedVAE(NestedVAEConfig.from_dict(run_config.model, source="model"))
+    vae = (
+        NestedVAE.from_pretrained(run_config.init_from)
+        if run_config.init_from
+        else NestedVAE(NestedVAEConfig.from_dict(run_config.model, source="model"))
+    )
     ema_file = checkpoint / "custom_checkpoint_0.pkl"
     if ema_file.is_file() and run_config.ema:
         state = torch.load(ema_file, map_location="cpu", weights_only=True)
@@ -665,14 +705,18 @@ def _export_main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory")
     parser.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--scaling-images", help="captions.jsonl / image folder whose latents set scaling_factor")
+    parser.add_argument(
+        "--scaling-images", help="captions.jsonl / image folder whose latents set scaling_factor"
+    )
     parser.add_argument("--split-file", help="JSON split file restricting --scaling-images")
     parser.add_argument("--subset", default="heldout")
     parser.add_argument("--size", type=int, default=256, help="center-crop size of the scaling images")
     args = parser.parse_args(argv)
     images = None
     if args.scaling_images:
-        dataset = load_training_dataset(DataConfig(source=args.scaling_images, split_file=args.split_file, subset=args.subset))
+        dataset = load_training_dataset(
+            DataConfig(source=args.scaling_images, split_file=args.split_file, subset=args.subset)
+        )
         images = [pil_to_tensor(center_crop_resize(load_image(row["image"]), args.size)) for row in dataset]
     path = export_checkpoint(args.checkpoint, args.out, args.dtype, images)
     print(f"exported to {path}")

@@ -18,7 +18,11 @@ from nested_vae.losses import (
 )
 
 TINY = NestedVAEConfig(
-    base_channels=8, channel_multipliers=(1, 1, 2, 2, 2), norm_num_groups=4, latent_channels=4, attention_ratios=()
+    base_channels=8,
+    channel_multipliers=(1, 1, 2, 2, 2),
+    norm_num_groups=4,
+    latent_channels=4,
+    attention_ratios=(),
 )
 
 
@@ -76,7 +80,9 @@ def test_discriminator_and_generator_adversarial_losses_decrease(images):
     vae = NestedVAE(TINY)
     discriminator = NLayerDiscriminator(channels=8, n_layers=2)
     loss = VAELoss(LossConfig(perceptual="none", disc_start=0, disc_weight=1.0))
-    fixed_fakes = [RatioGroup(g.ratio, g.inputs, g.reconstructions.detach(), g.posterior) for g in _groups(vae, images)]
+    fixed_fakes = [
+        RatioGroup(g.ratio, g.inputs, g.reconstructions.detach(), g.posterior) for g in _groups(vae, images)
+    ]
 
     d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-3)
     d_history = []
@@ -135,7 +141,9 @@ def test_discriminator_is_off_before_disc_start(images):
     groups = _groups(vae, images)
     assert loss.adversarial_factor(9) == 0.0 and loss.adversarial_factor(10) == 1.0
     assert not loss.discriminator_active(9) and loss.discriminator_active(10)
-    total, logs = loss.generator_loss(groups, step=9, discriminator=discriminator, last_layer=vae.get_last_layer())
+    total, logs = loss.generator_loss(
+        groups, step=9, discriminator=discriminator, last_layer=vae.get_last_layer()
+    )
     d_loss, d_logs = loss.discriminator_loss(discriminator, images, groups, step=9)
     assert calls == [] and d_loss.item() == 0.0 and d_logs == {}
     assert "train/g_loss" not in logs and logs["train/disc_factor"] == 0.0
@@ -150,7 +158,8 @@ def test_disc_start_fraction_warmup_and_ramp():
     with pytest.raises(ValueError, match="total_steps"):
         resolve_disc_start(0.5, total_steps=None)
     loss = VAELoss(
-        LossConfig(perceptual="none", disc_start=0.5, disc_warmup_steps=10, disc_ramp_steps=4), total_steps=100
+        LossConfig(perceptual="none", disc_start=0.5, disc_warmup_steps=10, disc_ramp_steps=4),
+        total_steps=100,
     )
     assert not loss.discriminator_active(39) and loss.discriminator_active(40)  # warm-up before the GAN term
     assert [loss.adversarial_factor(s) for s in (49, 50, 51, 53, 80)] == [0.0, 0.25, 0.5, 1.0, 1.0]
@@ -170,7 +179,9 @@ def test_r1_and_lecam_regularisers_enter_the_discriminator_loss(images):
     discriminator.eval()  # no power iteration between the two calls: both see the same weights
     groups = _groups(NestedVAE(TINY), images)
     plain = VAELoss(LossConfig(perceptual="none", disc_start=0))
-    guarded = VAELoss(LossConfig(perceptual="none", disc_start=0, r1_weight=10.0, lecam_weight=1.0, lecam_decay=0.0))
+    guarded = VAELoss(
+        LossConfig(perceptual="none", disc_start=0, r1_weight=10.0, lecam_weight=1.0, lecam_decay=0.0)
+    )
     base, _ = plain.discriminator_loss(discriminator, images, groups, step=0)
     total, logs = guarded.discriminator_loss(discriminator, images, groups, step=0)
     assert logs["train/r1_penalty"] > 0 and torch.isfinite(total)

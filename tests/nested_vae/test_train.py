@@ -136,7 +136,9 @@ def test_export_checkpoint_fp16_with_scaling_factor(tmp_path, captions_file):
 def test_config_from_yaml_with_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 7\nloss:\n  kl_weight: 1.0e-5\ndata:\n  resolution: 96\n")
-    config = load_config(str(path), ["--loss.kl_weight=2e-6", "--adam_betas=[0.8, 0.95]", "--mixed_precision=no"])
+    config = load_config(
+        str(path), ["--loss.kl_weight=2e-6", "--adam_betas=[0.8, 0.95]", "--mixed_precision=no"]
+    )
     assert config.max_steps == 7 and config.data.resolution == 96 and config.mixed_precision == "no"
     assert config.loss.kl_weight == 2e-6 and config.adam_betas == (0.8, 0.95)
 

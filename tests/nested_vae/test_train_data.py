@@ -111,3 +111,12 @@ def test_ratio_sampler_modes():
     assert {r: g.tolist() for r, g in everything.groups().items()} == {8: [0, 1], 16: [2, 3], 32: [4, 5]}
     with pytest.raises(ValueError, match="ratio sampling mode"):
         RatioSampler("random")
+
+
+def test_streaming_source_yields_every_image_once_per_epoch(labelled_captions):
+    dataset = build_dataset(DataConfig(source=str(labelled_captions), streaming=True, resolution=32), seed=0)
+    assert isinstance(dataset, torch.utils.data.IterableDataset)
+    dataset.set_epoch(1)
+    samples = list(dataset)
+    assert len(samples) == 3 and all(s["pixel_values"].shape == (3, 32, 32) for s in samples)
+    assert sorted(int(s["ratio_label"]) for s in samples) == [0, 8, 32]

@@ -377,7 +377,8 @@ class VAELoss(nn.Module):
         logits_real_mean = torch.stack(mean_real).mean()
         logits_fake_mean = torch.stack(mean_fake).mean()
         if self.config.lecam_weight > 0:
-            lecam = self.lecam_regularizer(logits_real_all, logits_fake_mean)
+            all_fakes = torch.cat([logits.flatten() for logits in logits_fake_groups])
+            lecam = self.lecam_regularizer(logits_real_all.flatten(), all_fakes)
             loss = loss + self.config.lecam_weight * lecam
             logs[f"{split}/lecam"] = lecam.item()
         if self.config.r1_weight > 0:
@@ -393,13 +394,16 @@ class VAELoss(nn.Module):
         )
         return loss, logs
 
-    def lecam_regularizer(self, logits_real: torch.Tensor, logits_fake_mean: torch.Tensor) -> torch.Tensor:
-        """LeCam: keep real logits above the fake EMA and fake logits below the real EMA."""
-        real_mean = logits_real.mean()
+    def lecam_regularizer(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """LeCam (Tseng et al. 2021): real logits above the fakes' EMA, fake logits below the reals' EMA.
+
+        ``E[relu(D(x) - ema_fake)^2] + E[relu(ema_real - D(G(z)))^2]`` over every patch logit.
+        """
         with torch.no_grad():
             decay = self.config.lecam_decay
-            self.lecam_ema_real.mul_(decay).add_((1 - decay) * real_mean.detach())
-            self.lecam_ema_fake.mul_(decay).add_((1 - decay) * logits_fake_mean.detach())
-        return F.relu(real_mean - self.lecam_ema_fake).pow(2) + F.relu(
-            self.lecam_ema_real - logits_fake_mean
-        ).pow(2)
+            self.lecam_ema_real.mul_(decay).add_((1 - decay) * logits_real.detach().float().mean())
+            self.lecam_ema_fake.mul_(decay).add_((1 - decay) * logits_fake.detach().float().mean())
+        return (
+            F.relu(logits_real - self.lecam_ema_fake).pow(2).mean()
+            + F.relu(self.lecam_ema_real - logits_fake).pow(2).mean()
+        )

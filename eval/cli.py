@@ -67,6 +67,16 @@ def _ratio_list(text: str) -> tuple[list[int], bool]:
     return fixed, adaptive
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return index, count
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -109,6 +119,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        help="K/N: only fill the cache for images K, K+N, ... (run N processes, then once without --shard)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument(
@@ -147,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bar-db", type=float, default=1.0, help="oracle bar: PSNR within this many dB of 8x"
     )
     router.add_argument("--bar-psnr", type=float, default=None, help="oracle bar: absolute PSNR instead")
+    prepare = commands.add_parser(
+        "prepare",
+        help="cache what does not depend on the VAE (original features, router scores) ahead of a run",
+    )
+    _common(prepare)
+    _metrics_args(prepare)
     speed = commands.add_parser("speed", help="images/s for router, encode, decode, end to end")
     _common(speed)
     speed.add_argument("--resolutions", type=_int_list, default=[256, 512])
@@ -171,12 +193,15 @@ def load_vae(spec: str, device: str, seed: int = 0):
     return vae.to(device).eval()
 
 
-def load_router(spec: str, backend: str):
+def load_router(spec: str, backend: str, cache_dir: str | None = None):
+    """The caption scorer, with the router's SQLite score cache under the benchmark cache dir."""
     if spec == "none":
         return None
     from router import load_scorer
 
-    return load_scorer(spec, backend=backend)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return load_scorer(spec, backend=backend, cache_path=root / "router-scores.sqlite")
 
 
 def load_policy(path: str | None):
@@ -197,11 +222,12 @@ def read_split_file(path: str | None) -> dict[str, set[str]]:
     if isinstance(data, list):
         return {"heldout": {str(item) for item in data}}
     if isinstance(data, dict):
+        lists = {str(k): {str(i) for i in v} for k, v in data.items() if isinstance(v, list)}
+        if lists:  # {split: [ids]}; scalar keys (seed, source, ...) are metadata
+            return lists
         splits: dict[str, set[str]] = {}
-        for key, value in data.items():
-            if isinstance(value, list):
-                splits[str(key)] = {str(item) for item in value}
-            elif isinstance(value, str):  # {image id: split name}
+        for key, value in data.items():  # {image id: split name}
+            if isinstance(value, str):
                 splits.setdefault(value, set()).add(str(key))
         if splits:
             return splits
@@ -218,7 +244,7 @@ def heldout_ids(splits: dict[str, set[str]]) -> set[str] | None:
 
 
 def _samples(args, limit=None):
-    return eval_datasets.iter_samples(
+    samples = eval_datasets.iter_samples(
         args.dataset,
         limit=limit if limit is not None else args.limit,
         hf_id=args.hf_id,
@@ -228,6 +254,11 @@ def _samples(args, limit=None):
         caption_column=args.caption_column,
         data_files=args.data_files,
     )
+    shard = getattr(args, "shard", None)
+    if shard is None:
+        return samples
+    index, count = shard
+    return (sample for position, sample in enumerate(samples) if position % count == index)
 
 
 def _count(args) -> int | None:
@@ -373,7 +404,7 @@ def _speed_section(section: dict) -> list[str]:
 
 def _evaluate(args, ratios, keep_per_domain: int):
     vae = load_vae(args.vae, args.device, args.seed)
-    scorer = load_router(args.router, args.router_backend)
+    scorer = load_router(args.router, args.router_backend, args.cache_dir)
     inception, fid_status = None, "skipped (--no-fid)"
     if not args.no_fid:
         try:
@@ -421,6 +452,8 @@ def cmd_recon(args) -> dict:
     fixed, adaptive = args.ratios
     ratios = (8, 16, 32) if adaptive else tuple(sorted(set(fixed)))
     vae, results, kept, measurers, fid_status, seconds, scorer = _evaluate(args, ratios, args.grid_per_domain)
+    if args.shard is not None:
+        return _shard_done(args, results, seconds)
     policy = load_policy(args.policy)
     methods, calibrated = build_methods(results, fixed, adaptive, policy, args.size)
     lpips_available = bool(measurers.lpips and measurers.lpips.available)
@@ -463,6 +496,41 @@ def cmd_recon(args) -> dict:
     return section
 
 
+def _shard_done(args, results, seconds: float) -> dict:
+    index, count = args.shard
+    print(
+        f"shard {index}/{count}: {len(results)} images cached in {seconds:.0f} s; "
+        "run again without --shard (all shards done) to build the report"
+    )
+    return {"shard": [index, count], "images": len(results), "seconds": seconds}
+
+
+def cmd_prepare(args) -> dict:
+    """Fill the model-independent caches (original Inception features, JPEG and caption scores)."""
+    scorer = load_router(args.router, args.router_backend, args.cache_dir)
+    inception = None if args.no_fid else load_inception(args.inception, args.device)
+    settings = EvalSettings(
+        size=args.size, ratios=(), batch_size=args.batch_size, device=args.device, fid=inception is not None
+    )
+    settings.effnet = settings.lpips = False
+    started = time.perf_counter()
+    results, _ = evaluate_dataset(
+        _samples(args),
+        None,
+        settings,
+        Measurers(settings, inception),
+        scorer=scorer,
+        cache_dir=args.cache_dir,
+        total=_count(args),
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - started
+    print(
+        f"prepared {len(results)} images in {seconds:.0f} s (originals' Inception features, JPEG and caption scores)"
+    )
+    return {"images": len(results), "seconds": seconds}
+
+
 def grid_rows(vae, kept: dict[str, list], ratios, routed: dict[str, int], device: str) -> list[dict]:
     """Originals and reconstructions (PIL) of the kept images, for the report grid."""
     from cat_tokenizer.images import pil_to_tensor, tensor_to_pil
@@ -494,6 +562,8 @@ def _print_summary(tables: dict) -> None:
 
 def cmd_router(args) -> dict:
     _, results, _, _, _, seconds, scorer = _evaluate(args, (8, 16, 32), 0)
+    if args.shard is not None:
+        return _shard_done(args, results, seconds)
     policy = load_policy(args.policy)
     splits = read_split_file(args.split_file)
     quality = router_quality(
@@ -527,7 +597,7 @@ def cmd_router(args) -> dict:
 
 def cmd_speed(args) -> dict:
     vae = load_vae(args.vae, args.device, args.seed)
-    scorer = load_router(args.router, args.router_backend)
+    scorer = load_router(args.router, args.router_backend, args.cache_dir)
     samples = list(itertools.islice(_samples(args, limit=args.batch_size), args.batch_size))
     rows = speed_rows(
         vae,
@@ -551,7 +621,7 @@ def cmd_speed(args) -> dict:
     return section
 
 
-COMMANDS = {"recon": cmd_recon, "router": cmd_router, "speed": cmd_speed}
+COMMANDS = {"recon": cmd_recon, "router": cmd_router, "speed": cmd_speed, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

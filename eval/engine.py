@@ -14,14 +14,13 @@ reconstruction of that ratio" are the same computation.
 
 Resumable: each image's results are written to its own file as soon as its batch is done,
 keyed by the model's weights fingerprint, the image size and the image id. A killed run
-restarts where it stopped. Model-independent parts (original features, JPEG score, caption
-scores) have their own cache keys, so they survive a model change.
+restarts where it stopped. Model-independent parts (original features, JPEG score) have their
+own cache keys, so they survive a model change; caption scores live in the router's SQLite cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -187,29 +186,6 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-class CaptionScoreCache:
-    """Caption scores by (scorer model id, prompt version, caption), in one JSON file."""
-
-    def __init__(self, root: str | os.PathLike, scorer):
-        from router import PROMPT_VERSION
-
-        rule = getattr(scorer, "rule", None)
-        name = f"{getattr(scorer, 'model_id', type(scorer).__name__)}|{PROMPT_VERSION}|{rule!r}"
-        self.path = Path(root) / "caption-scores" / f"{_key(name)}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.scores: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def score(self, scorer, captions: list[str]) -> list[dict]:
-        missing = sorted({c for c in captions if c not in self.scores})
-        if missing:
-            for caption, result in zip(missing, scorer.score(missing)):
-                self.scores[caption] = result.to_dict()
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.scores))
-            temporary.replace(self.path)
-        return [self.scores[c] for c in captions]
-
-
 def evaluate_dataset(
     samples: Iterable[EvalSample],
     vae,
@@ -230,7 +206,8 @@ def evaluate_dataset(
             features, JPEG and caption scores), e.g. while a checkpoint is still training.
         settings: what to measure.
         measurers: the loaded metric networks.
-        scorer: a router scorer (``score(list[str])``), or None to score by JPEG bpp only.
+        scorer: a router scorer (``score(list[str])``), or None to score by JPEG bpp only. Caption
+            scores are cached by the router itself (``load_scorer(..., cache_path=...)``).
         cache_dir: root of the per-image cache (default :func:`default_cache_dir`).
         total: number of samples, for the progress bar.
         keep_images_per_domain: keep this many prepared images per domain (for the report grid).
@@ -249,11 +226,9 @@ def evaluate_dataset(
     metric_tag = (
         f"e{int(measurers.effnet is not None)}l{int(bool(measurers.lpips and measurers.lpips.available))}"
     )
-    model_cache = ResultCache(
-        root, f"recon-{model_fingerprint(vae)[:16]}-s{settings.size}-{fid_tag}-{metric_tag}"
-    )
+    model_key = model_fingerprint(vae)[:16] if vae is not None else "none"
+    model_cache = ResultCache(root, f"recon-{model_key}-s{settings.size}-{fid_tag}-{metric_tag}")
     original_cache = ResultCache(root, f"original-s{settings.size}-{fid_tag}")
-    score_cache = CaptionScoreCache(root, scorer) if scorer is not None else None
 
     results: list[ImageResult] = []
     kept: dict[str, list] = {}
@@ -307,7 +282,8 @@ def evaluate_dataset(
                 cached_recon[i] = per_image[row]
 
         captioned = [s.caption for s in batch if s.caption]
-        caption_scores = iter(score_cache.score(scorer, captioned)) if score_cache and captioned else iter(())
+        scored = scorer.score(captioned) if scorer is not None and captioned else []
+        caption_scores = iter(score.to_dict() for score in scored)
         for sample, recon, original in zip(batch, cached_recon, cached_original):
             features = dict(recon["features"])
             if original["features"] is not None:
@@ -321,7 +297,7 @@ def evaluate_dataset(
                     features=features,
                     jpeg_bpp=float(original["jpeg_bpp"]),
                     jpeg_score=float(original["jpeg_score"]),
-                    caption_score=next(caption_scores) if (sample.caption and score_cache) else None,
+                    caption_score=next(caption_scores) if (sample.caption and scorer is not None) else None,
                 )
             )
         bar.update(len(batch))

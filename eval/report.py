@@ -152,6 +152,10 @@ def plot_rate_distortion(table: dict[str, dict], path: Path, title: str) -> Path
     ):
         xs = [tokens for tokens, _, _ in fixed]
         ys = [_number(row[metric]) for _, _, row in fixed]
+        if not any(math.isfinite(y) for y in ys):
+            axis.text(0.5, 0.5, f"{metric} not computed", ha="center", va="center", transform=axis.transAxes)
+            axis.set_xlabel("mean tokens per image")
+            continue
         axis.plot(xs, ys, "o-", color="tab:blue", label="fixed ratio")
         for (tokens, name, _), y in zip(fixed, ys):
             axis.annotate(name.replace("fixed-", ""), (tokens, y), textcoords="offset points", xytext=(5, 5))

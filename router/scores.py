@@ -139,9 +139,9 @@ class CombinationRule:
     to 0 to ignore that flag, or all to 0 to use the raw rating.
 
     Args:
-        flag_lifts: flag name -> score points added at P(yes) = 1. Defaults were chosen on the
-            devset so that captions of charts, text and faces average above clip art and photos
-            (see the router README table); they are not fitted to reconstruction quality.
+        flag_lifts: flag name -> score points added at P(yes) = 1. Defaults are a prior (text is
+            the most loss-sensitive content, then faces and thin chart lines), not fitted: with the
+            default 0.5B model the flags separate domains only weakly (see router/README.md).
     """
 
     flag_lifts: dict[str, float] = field(default_factory=lambda: {"text": 1.5, "faces": 1.0, "charts": 1.0})

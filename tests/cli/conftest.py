@@ -127,3 +127,13 @@ def awkward_folder(tmp_path_factory):
         "fallback": {"gray.png", "palette.png", "sub/nested.png"},
     }
     return images, captions, expectations
+
+
+def _cli_args(images, out, vae, *extra) -> list[str]:
+    return ["--images", str(images), "--out", str(out), "--vae", str(vae), *map(str, extra)]
+
+
+@pytest.fixture
+def cli_args():
+    """``cli_args(images, out, vae, *extra)`` -> the argv list of a ``cat-tokenize`` run."""
+    return _cli_args

@@ -19,7 +19,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_launch_splits_the_images_and_rank0_merges(tiny_vae_dir, tmp_path, write_small_images):
+def test_two_process_launch_splits_the_images_and_rank0_merges(
+    tiny_vae_dir, tmp_path, write_small_images, cli_args
+):
     launcher = shutil.which("accelerate")
     if launcher is None:
         pytest.skip("the accelerate launcher is not on PATH")
@@ -43,17 +45,7 @@ def test_two_process_launch_splits_the_images_and_rank0_merges(tiny_vae_dir, tmp
         str(_free_port()),
         "-m",
         "cat_tokenizer.cli",
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(out),
-        "--vae",
-        str(tiny_vae_dir),
-        "--ratio",
-        "16",
-        "--shard-size",
-        "2",
-        "--quiet",
+        *cli_args(tmp_path / "images", out, tiny_vae_dir, "--ratio", 16, "--shard-size", 2, "--quiet"),
     ]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)

@@ -17,16 +17,13 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from cat_tokenizer.cli import main
 from cat_tokenizer.images import limit_max_side, load_image, pil_to_tensor
+from cat_tokenizer.store import read_jsonl
 from router import RoutingPolicy, load_scorer
 
 # Per-ratio PSNR floors (dB) for the shipped checkpoint at --max-side 256: far above what an
 # untrained VAE gives (~5-10 dB), below the model card's held-out averages, so a per-image miss
 # means a broken pipeline (wrong scaling, crop, colour order), not an unlucky image.
 PSNR_FLOOR = {8: 20.0, 16: 17.0, 32: 15.0}
-
-
-def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _write_captions(path, records):
@@ -60,7 +57,7 @@ def _tokenize_and_decode(devset_dir, devset_sample, tmp_path, vae, router_model,
     )
     assert code == 0, (tokens / "errors.jsonl").read_text()
     assert main(["decode", "--tokens", str(tokens), "--out", str(recon), "--quiet"]) == 0
-    manifest = {r["id"]: r for r in _read_jsonl(tokens / "manifest.jsonl")}
+    manifest = {r["id"]: r for r in read_jsonl(tokens / "manifest.jsonl")}
     assert sorted(manifest) == sorted(r["image"] for r in devset_sample)
     return manifest, recon
 

@@ -12,11 +12,7 @@ import time
 from safetensors import safe_open
 
 from cat_tokenizer.cli import main
-from cat_tokenizer.store import read_shard_records, shard_paths
-
-
-def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from cat_tokenizer.store import read_jsonl, read_shard_records, shard_paths
 
 
 def _shard_keys(out):
@@ -27,24 +23,14 @@ def _shard_keys(out):
     return keys
 
 
-def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path, write_small_images):
+def test_killed_run_resumes_with_every_image_exactly_once(
+    tiny_vae_dir, tmp_path, write_small_images, cli_args
+):
     names = write_small_images(tmp_path / "images", 24)
     out = tmp_path / "out"
-    args = [
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(out),
-        "--vae",
-        str(tiny_vae_dir),
-        "--ratio",
-        "16",
-        "--shard-size",
-        "2",
-        "--batch-size",
-        "2",
-        "--quiet",
-    ]
+    args = cli_args(
+        tmp_path / "images", out, tiny_vae_dir, "--ratio", 16, "--shard-size", 2, "--batch-size", 2, "--quiet"
+    )
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "cat_tokenizer.cli", *args], stderr=subprocess.PIPE, env=environment
@@ -66,7 +52,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path
     (out / "shards" / "r00-00099.safetensors.12345.tmp").write_bytes(b"half a shard")
 
     assert main(args[:-1] + ["--resume", "--quiet"]) == 0
-    manifest = _read_jsonl(out / "manifest.jsonl")
+    manifest = read_jsonl(out / "manifest.jsonl")
     assert sorted(r["id"] for r in manifest) == sorted(names)
     assert sorted(_shard_keys(out)) == sorted(names)  # every image exactly once across all shards
     assert sorted(r["id"] for r in read_shard_records(out)) == sorted(names)
@@ -76,19 +62,9 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae_dir, tmp_path
     assert summary["images_done_this_run"] == len(names) - len(committed)
 
 
-def test_resume_of_a_finished_run_does_nothing(tiny_vae_dir, tmp_path, write_small_images):
+def test_resume_of_a_finished_run_does_nothing(tiny_vae_dir, tmp_path, write_small_images, cli_args):
     write_small_images(tmp_path / "images", 3)
-    args = [
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(tmp_path / "out"),
-        "--vae",
-        str(tiny_vae_dir),
-        "--ratio",
-        "8",
-        "--quiet",
-    ]
+    args = cli_args(tmp_path / "images", tmp_path / "out", tiny_vae_dir, "--ratio", 8, "--quiet")
     assert main(args) == 0
     before = (tmp_path / "out" / "manifest.jsonl").read_text()
     assert main(args + ["--resume"]) == 0
@@ -96,17 +72,9 @@ def test_resume_of_a_finished_run_does_nothing(tiny_vae_dir, tmp_path, write_sma
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["images_done_this_run"] == 0
 
 
-def test_resume_with_other_settings_is_refused(tiny_vae_dir, tmp_path, write_small_images, capsys):
+def test_resume_with_other_settings_is_refused(tiny_vae_dir, tmp_path, write_small_images, capsys, cli_args):
     write_small_images(tmp_path / "images", 2)
-    args = [
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(tmp_path / "out"),
-        "--vae",
-        str(tiny_vae_dir),
-        "--quiet",
-    ]
+    args = cli_args(tmp_path / "images", tmp_path / "out", tiny_vae_dir, "--quiet")
     assert main(args + ["--ratio", "8"]) == 0
     assert main(args + ["--ratio", "32", "--resume"]) == 1
     assert "different settings" in capsys.readouterr().err

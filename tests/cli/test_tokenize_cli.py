@@ -13,12 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from cat_tokenizer.cli import main
+from cat_tokenizer.store import read_jsonl
 from router import RoutingPolicy, tokens_for
 from router.cache import ScoreCache
-
-
-def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _tokenize(images, out, vae, *extra):
@@ -50,9 +47,9 @@ def awkward_run(awkward_folder, tiny_vae_dir, tiny_llama_dir, tmp_path_factory):
 def test_bad_items_are_recorded_and_never_stop_the_run(awkward_run):
     code, out, expect = awkward_run
     assert code == 2  # finished, some items failed
-    manifest = _read_jsonl(out / "manifest.jsonl")
+    manifest = read_jsonl(out / "manifest.jsonl")
     assert [r["id"] for r in manifest] == sorted(expect["ok"])  # each good image exactly once
-    errors = _read_jsonl(out / "errors.jsonl")
+    errors = read_jsonl(out / "errors.jsonl")
     image_errors = {e["path"]: e["reason"] for e in errors if e["path"] in expect["failed_images"]}
     assert set(image_errors) == set(expect["failed_images"])
     for name, reason in expect["failed_images"].items():
@@ -66,7 +63,7 @@ def test_bad_items_are_recorded_and_never_stop_the_run(awkward_run):
 
 def test_manifest_records_match_the_shards(awkward_run):
     _, out, _ = awkward_run
-    for record in _read_jsonl(out / "manifest.jsonl"):
+    for record in read_jsonl(out / "manifest.jsonl"):
         with safe_open(str(out / record["shard"]), framework="pt") as handle:
             latent = handle.get_tensor(record["key"])
         assert list(latent.shape) == record["latent_shape"]
@@ -80,7 +77,7 @@ def test_manifest_records_match_the_shards(awkward_run):
 
 def test_awkward_images_are_normalised_as_documented(awkward_run):
     _, out, expect = awkward_run
-    records = {r["id"]: r for r in _read_jsonl(out / "manifest.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
     assert records["exif_rotated.jpg"]["original_size"] == [40, 24]  # EXIF orientation applied
     assert records["one_pixel.png"]["size"] == [1, 1]
     assert records["one_pixel.png"]["latent_shape"][1:] == [32 // records["one_pixel.png"]["ratio"]] * 2
@@ -95,9 +92,9 @@ def test_awkward_images_are_normalised_as_documented(awkward_run):
 def test_summary_counts_agree_with_the_files(awkward_run):
     _, out, _ = awkward_run
     summary = json.loads((out / "summary.json").read_text())
-    manifest = _read_jsonl(out / "manifest.jsonl")
+    manifest = read_jsonl(out / "manifest.jsonl")
     assert summary["images_done"] == summary["images_done_this_run"] == len(manifest)
-    assert summary["failed"] == len(_read_jsonl(out / "errors.jsonl"))
+    assert summary["failed"] == len(read_jsonl(out / "errors.jsonl"))
     assert sum(row["images"] for row in summary["per_ratio"].values()) == len(manifest)
     assert summary["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in manifest) / len(manifest))
     assert summary["mean_tokens_fixed16"] == pytest.approx(
@@ -111,7 +108,7 @@ def test_decode_writes_one_png_per_image_at_the_encoded_size(awkward_run, tmp_pa
     _, out, _ = awkward_run
     recon = tmp_path / "recon"
     assert main(["decode", "--tokens", str(out), "--out", str(recon), "--quiet"]) == 0
-    for record in _read_jsonl(out / "manifest.jsonl"):
+    for record in read_jsonl(out / "manifest.jsonl"):
         png = recon / (record["id"].rsplit(".", 1)[0] + ".png")
         with Image.open(png) as image:
             assert image.format == "PNG" and image.mode == "RGB"
@@ -127,9 +124,9 @@ def test_success_exits_zero_and_fixed_ratio_never_loads_the_router(
         tmp_path / "images", out, tiny_vae_dir, "--ratio", 16, "--router-model", tmp_path / "no_model"
     )
     assert code == 0
-    manifest = _read_jsonl(out / "manifest.jsonl")
+    manifest = read_jsonl(out / "manifest.jsonl")
     assert [(r["ratio"], r["score_source"], r["tokens"]) for r in manifest] == [(16, "override", 4)] * 3
-    assert _read_jsonl(out / "errors.jsonl") == []
+    assert read_jsonl(out / "errors.jsonl") == []
 
 
 def test_require_captions_skips_uncaptioned_images(
@@ -152,7 +149,7 @@ def test_require_captions_skips_uncaptioned_images(
         tmp_path / "scores.sqlite",
     )
     assert code == 0
-    assert [r["id"] for r in _read_jsonl(out / "manifest.jsonl")] == ["img_001.png"]
+    assert [r["id"] for r in read_jsonl(out / "manifest.jsonl")] == ["img_001.png"]
     assert json.loads((out / "summary.json").read_text())["skipped_without_caption"] == 2
     cached = ScoreCache(tmp_path / "scores.sqlite").get_many(str(tiny_llama_dir), ["static noise"])
     assert list(cached) == ["static noise"]  # a rerun would not score this caption again
@@ -184,7 +181,7 @@ def test_target_mean_tokens_calibrates_and_saves_the_policy(
         == 0
     )
     policy = RoutingPolicy.load(out / "policy.json")
-    manifest = _read_jsonl(out / "manifest.jsonl")
+    manifest = read_jsonl(out / "manifest.jsonl")
     assert len(manifest) == len(names)
     assert all(r["ratio"] == policy.route(r["score"]) for r in manifest)
     assert sorted(r["score_source"] for r in manifest) == ["caption_llm"] * 3 + ["image_jpeg_bpp"] * 3
@@ -204,20 +201,10 @@ def test_target_mean_tokens_calibrates_and_saves_the_policy(
     ],
 )
 def test_fatal_errors_exit_one_with_one_line(
-    arguments, message, tiny_vae_dir, tmp_path, capsys, write_small_images
+    arguments, message, tiny_vae_dir, tmp_path, capsys, write_small_images, cli_args
 ):
     write_small_images(tmp_path / "images", 1)
-    base = [
-        "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(tmp_path / "out"),
-        "--vae",
-        str(tiny_vae_dir),
-        "--ratio",
-        "16",
-        "--quiet",
-    ]
+    base = cli_args(tmp_path / "images", tmp_path / "out", tiny_vae_dir, "--ratio", 16, "--quiet")
     assert main(base + arguments) == 1  # argparse: the last occurrence of a flag wins
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("cat-tokenize: error:") and message in err

@@ -137,6 +137,9 @@ def run(args) -> dict:
     else:
         # On CPU, eager mode skips vLLM's inductor compilation (minutes on 2 cores, and it is not
         # what limits a one-token-per-request workload).
+        # One engine step over a whole caption list can take minutes on a loaded 2-core CPU;
+        # vLLM's default 300 s step timeout would kill the engine.
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         eager = args.vllm_eager if args.vllm_eager is not None else not torch.cuda.is_available()
         scorer = load_scorer(args.model, backend="vllm", dtype=args.dtype or "auto", enforce_eager=eager)
         result["vllm_enforce_eager"] = eager
@@ -231,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         "--batch1-per-domain", type=int, default=4, help="batch-1 timing on N captions per domain"
     )
     parser.add_argument("--dtype", default=None, help="default: bf16 where the CPU supports it, else fp32")
-    parser.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
-                        help="vLLM enforce_eager (default: on without CUDA)")
+    parser.add_argument(
+        "--vllm-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vLLM enforce_eager (default: on without CUDA)",
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None, help="default eval/results/router_<backend>.json")
     args = parser.parse_args(argv)

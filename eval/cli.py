@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="K/N: only fill the cache for images K, K+N, ... (run N processes, then once without --shard)",
     )
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        help="process images in a seeded random order (any prefix of a killed run is then a random subset)",
+    )
+    run.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="measure nothing: report on the images whose results are already cached (partial run)",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument(
         "--note", dest="notes", action="append", default=[], help="a line for the report (repeatable)"
@@ -254,6 +266,9 @@ def _samples(args, limit=None):
         caption_column=args.caption_column,
         data_files=args.data_files,
     )
+    if getattr(args, "shuffle_seed", None) is not None:
+        samples = list(samples)
+        random.Random(args.shuffle_seed).shuffle(samples)
     shard = getattr(args, "shard", None)
     if shard is None:
         return samples
@@ -435,6 +450,7 @@ def _evaluate(args, ratios, keep_per_domain: int):
         total=_count(args),
         keep_images_per_domain=keep_per_domain,
         progress=not args.no_progress,
+        cached_only=args.cached_only,
     )
     seconds = time.perf_counter() - started
     return vae, results, kept, measurers, fid_status, seconds, scorer
@@ -475,7 +491,7 @@ def cmd_recon(args) -> dict:
         plot_reconstruction_grid(grid, out / "recon_grid.png")
 
     section = {
-        "run": run_record("recon", _config(args), args.device),
+        "run": run_record("recon", _config(args), args.device, args.argv),
         "images": len(results),
         "size": args.size,
         "seconds": seconds,
@@ -579,7 +595,7 @@ def cmd_router(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plot_score_vs_oracle(quality["per_image"], out / "router_scatter.png")
     section = {
-        "run": run_record("router", _config(args), args.device),
+        "run": run_record("router", _config(args), args.device, args.argv),
         "images": len(results),
         "seconds": seconds,
         "router": _scorer_name(scorer),
@@ -612,7 +628,7 @@ def cmd_speed(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     section = {
-        "run": run_record("speed", _config(args), args.device),
+        "run": run_record("speed", _config(args), args.device, args.argv),
         "router": _scorer_name(scorer),
         "rows": rows,
     }
@@ -627,6 +643,7 @@ COMMANDS = {"recon": cmd_recon, "router": cmd_router, "speed": cmd_speed, "prepa
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -196,6 +196,7 @@ def evaluate_dataset(
     total: int | None = None,
     keep_images_per_domain: int = 0,
     progress: bool = True,
+    cached_only: bool = False,
 ) -> tuple[list[ImageResult], dict[str, list]]:
     """Measure every sample (see the module docstring); reuse cached results.
 
@@ -212,6 +213,8 @@ def evaluate_dataset(
         total: number of samples, for the progress bar.
         keep_images_per_domain: keep this many prepared images per domain (for the report grid).
         progress: show a tqdm progress bar.
+        cached_only: measure nothing; return only the images whose results are all cached
+            (a report from a partial run; the report says how many images it covers).
 
     Returns:
         (results in sample order, {domain: [(id, PIL image), ...]} kept images).
@@ -240,6 +243,14 @@ def evaluate_dataset(
         if not settings.ratios:
             cached_recon = [{"metrics": {}, "features": {}} for _ in batch]
         cached_original = [original_cache.get(s.id) for s in batch]
+        if cached_only:
+            keep = [r is not None and o is not None for r, o in zip(cached_recon, cached_original)]
+            bar.update(len(batch))
+            batch = [item for item, k in zip(batch, keep) if k]
+            cached_recon = [item for item, k in zip(cached_recon, keep) if k]
+            cached_original = [item for item, k in zip(cached_original, keep) if k]
+            if not batch:
+                continue
         wanted_kept = [len(kept.get(s.domain, [])) < keep_images_per_domain for s in batch]
         needs_pixels = [
             r is None or o is None or keep for r, o, keep in zip(cached_recon, cached_original, wanted_kept)
@@ -300,6 +311,7 @@ def evaluate_dataset(
                     caption_score=next(caption_scores) if (sample.caption and scorer is not None) else None,
                 )
             )
-        bar.update(len(batch))
+        if not cached_only:
+            bar.update(len(batch))
     bar.close()
     return results, kept

@@ -77,11 +77,11 @@ def device_info(device: str) -> dict:
     return info
 
 
-def run_record(command: str, config: dict, device: str) -> dict:
-    """The provenance block every results.json starts with."""
+def run_record(command: str, config: dict, device: str, argv: list[str] | None = None) -> dict:
+    """The provenance block every results.json starts with (``argv``: the command line, without the program)."""
     return {
         "command": command,
-        "argv": sys.argv,
+        "argv": ["cat-bench", *(sys.argv[1:] if argv is None else argv)],
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": package_versions(),
         "git": git_state(),
@@ -193,9 +193,13 @@ def plot_domain_bars(tables: dict[str, dict[str, dict]], path: Path, methods: li
         (axes[1], "rfid", "rFID (per-domain sets are small: biased, compare within a domain)"),
         (axes[2], "mean_tokens", "mean tokens per image"),
     ):
+        drawn = False
         for k, method in enumerate(methods):
             values = [_number(tables[d].get(method, {}).get(metric)) for d in domains]
             axis.bar(positions + k * width, values, width, label=method)
+            drawn = drawn or any(math.isfinite(v) for v in values)
+        if not drawn:
+            axis.text(0.5, 0.5, f"{metric} not computed", ha="center", va="center", transform=axis.transAxes)
         axis.set_xticks(positions + width * (len(methods) - 1) / 2, names)
         axis.set_title(label, fontsize=9)
         axis.grid(axis="y", alpha=0.3)
@@ -337,7 +341,7 @@ def provenance_markdown(record: dict) -> str:
     device = record["device"]
     where = device.get("gpu") or device.get("cpu", "")
     return (
-        f"- command: `{' '.join(['cat-bench'] + record['argv'][1:])}`\n"
+        f"- command: `{' '.join(record['argv'])}`\n"
         f"- time: {record['time_utc']}; git commit: {commit}\n"
         f"- device: {device['device']} ({where}, {device['torch_threads']} torch threads)\n"
         f"- versions: {versions}"

@@ -162,7 +162,19 @@ def test_killed_run_resumes_from_the_per_image_cache(six_images, tiny_vae_dir, t
         evaluate_dataset(killed_after_four(), vae, settings, measurers, cache_dir=tmp_path, progress=False)
     assert CountingVAE.encoded == 4 * 3  # two batches of two, three ratios each
 
+    # A report from the partial run covers exactly the four finished images, measuring nothing.
     CountingVAE.encoded = 0
+    partial, _ = evaluate_dataset(
+        iter_samples(str(six_images)),
+        vae,
+        settings,
+        measurers,
+        cache_dir=tmp_path,
+        progress=False,
+        cached_only=True,
+    )
+    assert len(partial) == 4 and CountingVAE.encoded == 0
+
     results, _ = evaluate_dataset(
         iter_samples(str(six_images)), vae, settings, measurers, cache_dir=tmp_path, progress=False
     )

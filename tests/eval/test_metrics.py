@@ -16,6 +16,8 @@ from eval.metrics import (
     LPIPSMetric,
     MeanAccumulator,
     fid_from_features,
+    fid_low_rank,
+    fid_torchmetrics,
     find_fid_inception,
     format_metric,
     load_inception,
@@ -83,6 +85,19 @@ def test_fid_from_features_is_zero_for_identical_sets_and_grows_with_shift():
         far
     )
     assert math.isnan(fid_from_features([features[:1]], [features[:1]], num_features=16))
+
+
+@pytest.mark.parametrize("n_real, n_fake", [(20, 20), (30, 12)])
+def test_low_rank_fid_equals_torchmetrics_fid(n_real, n_fake):
+    generator = torch.Generator().manual_seed(n_real)
+    mixing = torch.randn(48, 48, generator=generator)
+    real = torch.randn(n_real, 48, generator=generator) @ mixing
+    fake = torch.randn(n_fake, 48, generator=generator) @ mixing * 1.3 + 0.5
+    assert fid_low_rank(real, fake) == pytest.approx(fid_torchmetrics(real, fake), rel=1e-6)
+    # fid_from_features picks the low-rank form here (fewer images than feature dimensions).
+    assert fid_from_features([real], [fake], num_features=48) == pytest.approx(
+        fid_torchmetrics(real, fake), rel=1e-6
+    )
 
 
 @pytest.fixture(scope="module")

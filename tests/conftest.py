@@ -48,3 +48,19 @@ def devset_sample(devset_records) -> list[dict]:
         if len(picked[record["domain"]]) < 2:
             picked[record["domain"]].append(record)
     return [record for records in picked.values() for record in records]
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny random NestedVAE saved with save_pretrained (real model code, seconds to build)."""
+    from cat_tokenizer.testing import build_tiny_vae
+
+    return build_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama + real byte-level BPE tokenizer (real transformers code path)."""
+    from router.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -6,20 +6,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_vae_dir(tmp_path_factory):
-    from cat_tokenizer.testing import build_tiny_vae
-
-    return build_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    from router.testing import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tiny_vae_dir, tiny_llama_dir):
     from cat_tokenizer import CATTokenizer
 

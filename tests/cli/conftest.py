@@ -10,20 +10,6 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture(scope="session")
-def tiny_vae_dir(tmp_path_factory):
-    from cat_tokenizer.testing import build_tiny_vae
-
-    return build_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    from router.testing import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
 def noise(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)

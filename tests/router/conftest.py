@@ -5,13 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router.testing import build_tiny_llama
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
 
 @pytest.fixture(scope="session")
 def tiny_scorer(tiny_llama_dir):

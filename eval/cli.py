@@ -236,6 +236,12 @@ def read_split_file(path: str | None) -> dict[str, set[str]]:
     if isinstance(data, dict):
         lists = {str(k): {str(i) for i in v} for k, v in data.items() if isinstance(v, list)}
         if lists:  # {split: [ids]}; scalar keys (seed, source, ...) are metadata
+            # A list inside another (e.g. held-out images that share a source photo with training
+            # images) also gets the difference, so numbers come "with and without" them.
+            for name, ids in list(lists.items()):
+                for other, other_ids in list(lists.items()):
+                    if other != name and other_ids and other_ids < ids:
+                        lists[f"{name} minus {other}"] = ids - other_ids
             return lists
         splits: dict[str, set[str]] = {}
         for key, value in data.items():  # {image id: split name}

@@ -16,14 +16,17 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from cat_tokenizer.cli import main
-from cat_tokenizer.images import limit_max_side, load_image, pil_to_tensor
+from cat_tokenizer.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_tokenizer.store import read_jsonl
+from nested_vae import NestedVAE
 from router import RoutingPolicy, load_scorer
 
-# Per-ratio PSNR floors (dB) for the shipped checkpoint at --max-side 256: far above what an
-# untrained VAE gives (~5-10 dB), below the model card's held-out averages, so a per-image miss
-# means a broken pipeline (wrong scaling, crop, colour order), not an unlucky image.
-PSNR_FLOOR = {8: 20.0, 16: 17.0, 32: 15.0}
+# Per-image PSNR floor (dB) for the shipped checkpoint at --max-side 256. The current checkpoint
+# is under-trained (model card: 17 dB mean at 8x on held-out images, 11-20 dB per devset image),
+# so the floor only catches a broken pipeline (colour order, value range, crop); the real check
+# of the pipeline is that the CLI's reconstruction equals the library's own encode -> decode.
+PSNR_FLOOR = {8: 10.0, 16: 10.0, 32: 10.0}
+MAX_PSNR_GAP_TO_LIBRARY_DB = 0.1
 
 
 def _write_captions(path, records):
@@ -108,10 +111,16 @@ def test_shipped_checkpoint_reconstructs_devset_images_above_a_psnr_floor(
         devset_dir, devset_sample, tmp_path, "default", "default", max_side=256
     )
     _check_routing_and_tokens(manifest, devset_sample, load_scorer("default"))
+    vae = NestedVAE.from_pretrained("default").eval()
     for image_id, entry in manifest.items():
         original = pil_to_tensor(limit_max_side(load_image(devset_dir / image_id), 256))
         rebuilt = pil_to_tensor(load_image(recon / (image_id.rsplit(".", 1)[0] + ".png")))
         assert rebuilt.shape == original.shape
         psnr = float(peak_signal_noise_ratio(rebuilt[None], original[None], data_range=2.0))
         assert psnr >= PSNR_FLOOR[entry["ratio"]], f"{image_id} at {entry['ratio']}x: PSNR {psnr:.1f} dB"
-        assert torch.isfinite(rebuilt).all()
+        with torch.no_grad():
+            latent = vae.encode(original[None], entry["ratio"]).latent_dist.mode()
+            direct = vae.decode(latent, entry["ratio"], output_size=original.shape[-2:]).sample[0]
+        direct = pil_to_tensor(tensor_to_pil(direct))  # the same 8-bit rounding as the PNG
+        direct_psnr = float(peak_signal_noise_ratio(direct[None], original[None], data_range=2.0))
+        assert abs(psnr - direct_psnr) <= MAX_PSNR_GAP_TO_LIBRARY_DB, (image_id, psnr, direct_psnr)

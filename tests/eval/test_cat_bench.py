@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cat_tokenizer.testing import TINY_VAE_CONFIG
 from eval.cli import main
 from eval.datasets import iter_samples
 from eval.engine import EvalSettings, Measurers, evaluate_dataset, reconstruct
@@ -19,26 +20,7 @@ from eval.metrics import psnr_per_image
 from nested_vae import NestedVAE, NestedVAEConfig
 
 SIZE = 64
-TINY_VAE = NestedVAEConfig(
-    base_channels=8,
-    channel_multipliers=(1, 1, 2, 2, 2),
-    latent_channels=4,
-    norm_num_groups=4,
-    attention_ratios=(),
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return NestedVAE(TINY_VAE).save_pretrained(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def tiny_router_dir(tmp_path_factory):
-    from router.testing import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("llm"))
+TINY_VAE = NestedVAEConfig(**TINY_VAE_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +48,9 @@ def _common(six_images, vae_dir, router_dir, out, cache) -> list[str]:
     ]  # fmt: skip
 
 
-def test_recon_router_and_speed_write_the_report(six_images, tiny_vae_dir, tiny_router_dir, tmp_path):
+def test_recon_router_and_speed_write_the_report(six_images, tiny_vae_dir, tiny_llama_dir, tmp_path):
     out, cache = tmp_path / "report", tmp_path / "cache"
-    common = _common(six_images, tiny_vae_dir, tiny_router_dir, out, cache)
+    common = _common(six_images, tiny_vae_dir, tiny_llama_dir, out, cache)
     assert main(["recon", *common, "--grid-per-domain", "1", "--note", "tiny random models"]) == 0
     assert main(["router", *common]) == 0
     speed = ["--resolutions", "64", "--ratios", "8,32", "--repeats", "1", "--batch-size", "2"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cat_tokenizer.images import load_image, pil_to_tensor
+from cat_tokenizer.testing import TINY_VAE_CONFIG
 from nested_vae import NestedVAE, NestedVAEConfig
 from nested_vae.losses import (
     LossConfig,
@@ -17,13 +18,7 @@ from nested_vae.losses import (
     resolve_disc_start,
 )
 
-TINY = NestedVAEConfig(
-    base_channels=8,
-    channel_multipliers=(1, 1, 2, 2, 2),
-    norm_num_groups=4,
-    latent_channels=4,
-    attention_ratios=(),
-)
+TINY = NestedVAEConfig(**TINY_VAE_CONFIG)
 
 
 @pytest.fixture(scope="module")

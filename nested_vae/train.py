@@ -60,7 +60,8 @@ class TrainConfig:
     Args:
         output_dir: run directory (checkpoints, logs, images, export, resolved config).
         seed: seed of every random choice (crops, ratios, posterior noise, initialisation).
-        model: overrides of :class:`NestedVAEConfig` fields for a new model.
+        model: :class:`NestedVAEConfig` fields of a new model (with ``init_from``: shape-preserving
+            overrides of the loaded model's config, see :func:`build_vae`).
         init_from: start from ``NestedVAE.from_pretrained(init_from)`` instead of a new model.
         data: the :class:`DataConfig`.
         loss: the :class:`LossConfig`.
@@ -260,6 +261,25 @@ class CSVTracker(GeneralTracker):
 # --------------------------------------------------------------------------------------------
 
 
+def build_vae(config: TrainConfig) -> NestedVAE:
+    """The model a run starts from: a new one from ``config.model``, or ``init_from`` weights.
+
+    With ``init_from``, ``config.model`` may still override fields that keep every parameter's
+    shape (e.g. ``norm_num_groups``: GroupNorm weights are per channel whatever the grouping), so
+    a trained model can be fine-tuned with a changed architecture setting; a field that changes a
+    shape fails in ``load_state_dict`` with the keys named.
+    """
+    if not config.init_from:
+        return NestedVAE(NestedVAEConfig.from_dict(config.model, source="model"))
+    pretrained = NestedVAE.from_pretrained(config.init_from)
+    if not config.model:
+        return pretrained
+    merged = {**pretrained.config.to_dict(), **config.model}
+    vae = NestedVAE(NestedVAEConfig.from_dict(merged, source=f"{config.init_from} + model overrides"))
+    vae.load_state_dict(pretrained.state_dict())
+    return vae
+
+
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(flag)
@@ -352,11 +372,7 @@ class Trainer:
         set_seed(config.seed)
         self.device = self.accelerator.device
 
-        vae = (
-            NestedVAE.from_pretrained(config.init_from)
-            if config.init_from
-            else NestedVAE(NestedVAEConfig.from_dict(config.model, source="model"))
-        )
+        vae = build_vae(config)
         vae.train()
         self.loss = VAELoss(config.loss, total_steps=config.max_steps).to(self.device)
         disc = self._build_discriminator()
@@ -678,11 +694,7 @@ def export_checkpoint(
 
     checkpoint = Path(checkpoint)
     run_config = load_config(str(checkpoint.parent.parent / "config.yaml"))
-    vae = (
-        NestedVAE.from_pretrained(run_config.init_from)
-        if run_config.init_from
-        else NestedVAE(NestedVAEConfig.from_dict(run_config.model, source="model"))
-    )
+    vae = build_vae(run_config)
     ema_file = checkpoint / "custom_checkpoint_0.pkl"
     if ema_file.is_file() and run_config.ema:
         state = torch.load(ema_file, map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from nested_vae import NestedVAE
-from nested_vae.train import Trainer, checkpoint_dirs, export_checkpoint, load_config
+from nested_vae.train import Trainer, build_vae, checkpoint_dirs, export_checkpoint, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = {
@@ -192,3 +192,23 @@ def test_two_process_cpu_accelerate_launch(tmp_path, captions_file):
         "random_states_1.pkl",
     }
     assert NestedVAE.from_pretrained(output / "export").config.base_channels == 8
+
+
+def test_init_from_with_shape_preserving_override_keeps_weights(tiny_vae_dir):
+    """Stage 2 of the shipped checkpoint: init_from + a regrouped GroupNorm loads every weight."""
+    config = load_config(None, [f"--init_from={tiny_vae_dir}", "--model={norm_num_groups: 2}"])
+    vae = build_vae(config)
+    pretrained = NestedVAE.from_pretrained(tiny_vae_dir)
+    assert vae.config.norm_num_groups == 2 and pretrained.config.norm_num_groups != 2
+    assert vae.config.base_channels == pretrained.config.base_channels
+    norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 2 for m in norms)
+    loaded, original = vae.state_dict(), pretrained.state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+
+def test_init_from_with_shape_changing_override_fails_naming_keys(tiny_vae_dir):
+    config = load_config(None, [f"--init_from={tiny_vae_dir}", "--model={latent_channels: 8}"])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_vae(config)

@@ -2,12 +2,11 @@
 
 ``score < low -> 32x``, ``low <= score < high -> 16x``, ``score >= high -> 8x``.
 
-Default thresholds (``low=7.1``, ``high=8.1``): with the default router model, prompt and
-:class:`~router.scores.CombinationRule`, final scores of real captions fall in a narrow band
-(about 5.5-8.5 on the devset; a plain blue sky scores far lower). These thresholds were fitted
-with ``calibrate(target_mean_tokens=256)`` (the fixed-16x budget at 256 px, gap 1.0) on 30 devset
-captions (6 per domain): about a quarter of those go to 32x, a tenth to 8x. They are a starting
-point, not a quality fit: calibrate to your token budget (``calibrate(scores,
+Default thresholds (``low=7.25``, ``high=8.25``): fitted with ``calibrate(target_mean_tokens=256)``
+(the fixed-16x budget at 256 px, gap 1.0) on the final scores of the devset's train split (294
+captions) with the default router model, prompt ``cat-router-v2`` and the default
+:class:`~router.scores.CombinationRule` (``python -m eval.router_domains --fit`` prints them). They
+are a starting point, not a quality fit: calibrate to your token budget (``calibrate(scores,
 target_mean_tokens=...)``) or to oracle labels from eval/ (``calibrate(scores, oracle_ratios=...)``)
 and save the thresholds as JSON.
 """
@@ -71,8 +70,8 @@ class RoutingPolicy:
         high: scores at or above ``high`` go to 8x (finest, most tokens); between: 16x.
     """
 
-    low: float = 7.1
-    high: float = 8.1
+    low: float = 7.25
+    high: float = 8.25
 
     def __post_init__(self):
         if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:

@@ -14,8 +14,10 @@ Prompt layout (why it looks like this): the long instruction comes first and the
 so the rendered text up to the caption is identical for every caption and its KV cache can be
 computed once. After the caption come the end of the user turn and the assistant header (shared
 by all queries of one caption), and then a two-token "answer key" per query (``complexity:``,
-``text:``, ...). The model's next token after the key is the answer, read from next-token
-probabilities: digits ``1``..``9`` for the rating, ``yes``/``no`` for the flags.
+``text:``, ``face:``, ``chart:``; the questions themselves are in the instruction). The model's
+next token after the key is the answer, read from next-token probabilities: digits ``1``..``9``
+for the rating, an opening quote vs ``no`` for the text flag (the model copies quoted words),
+``yes``/``no`` for the face and chart flags.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-# Bump whenever INSTRUCTION, QUERIES or the layout changes: cached scores are keyed by it.
-PROMPT_VERSION = "cat-router-v1"
+# Bump whenever INSTRUCTION, QUERIES, ANSWERS, FEW_SHOT or the layout changes: cached scores are
+# keyed by it.
+PROMPT_VERSION = "cat-router-v2"
 
 SOURCE_CAPTION_LLM = "caption_llm"
 SOURCE_IMAGE_JPEG_BPP = "image_jpeg_bpp"
@@ -44,49 +47,62 @@ INSTRUCTION = (
     "plain background or flat clip art; 5 = an ordinary photo with a few objects; 7 = a busy scene, "
     "a portrait with facial detail, or a chart with labels; 9 = extremely dense detail such as "
     "small printed text or a crowded diagram.\n"
-    "Each message gives a caption and one question about the image; answer only with the digit "
-    "or with yes or no."
+    "Each message gives a caption. Answer the field named at the start of your reply: "
+    "'complexity:' with one digit 1-9; 'text:' the words written in the image, in quotes, or no; "
+    "'face:' yes if a human face is visible; 'chart:' yes if it is a chart, plot, diagram or table. "
+    "Otherwise no."
 )
 
-# Query name -> question asked after the caption. "complexity" is the rating (answer: one digit);
-# the others are the perception flags (answer: yes/no, reported as P(yes)).
+# Query name -> answer key: the start of the assistant's reply, after which the next token is read.
+# "complexity" is the rating (answer: one digit); the others are the perception flags, reported as
+# P(first answer) in ANSWERS. Keys are short on purpose: they are the only per-query tokens a
+# caption pays for (the questions themselves live in INSTRUCTION, in the shared prefix).
 RATING_QUERY = "complexity"
 FLAG_QUERIES = ("text", "faces", "charts")
-QUERIES = {
-    RATING_QUERY: "Visual complexity from 1 to 9? Answer with one digit.",
-    "text": "Does the image contain readable text? Answer yes or no.",
-    "faces": "Does the image show a human face? Answer yes or no.",
-    "charts": "Is it a chart, diagram or drawing with fine lines? Answer yes or no.",
-}
+QUERIES = {RATING_QUERY: "complexity:", "text": "text:", "faces": "face:", "charts": "chart:"}
+
+# Per flag: (answer meaning "yes", answer meaning "no"). The text flag is not asked as yes/no: a
+# 0.5B model answered "readable text? yes/no" at chance (P(yes) 0.3-0.5 for sign photos and apples
+# alike), but it reliably COPIES quoted words: after ``text:`` the probability of an opening quote
+# (vs "no") is what is read.
+ANSWERS = {RATING_QUERY: DIGITS, "text": ('"', "no"), "faces": YES_NO, "charts": YES_NO}
 
 # Worked examples shown before every caption (invented, none from the devset). They sit in the
-# shared prefix, so they cost nothing per caption. They anchor the 1-9 scale (faces and text need
-# fine detail) and teach a 0.5B model to answer the yes/no questions from the caption instead of
-# answering "no" to everything.
+# shared prefix, so they cost nothing per caption. They anchor the 1-9 scale and show each answer
+# key with both answers (4 "yes" and 3 "no" per flag).
 FEW_SHOT = (
     ("A plain white wall.", RATING_QUERY, "1"),
+    ('A shop window with a painted sign reading "FRESH BREAD".', "text", '"FRESH BREAD"'),
     ("A portrait photo of a smiling man with a grey beard.", "faces", "yes"),
-    ("A street sign on a pole reading MAIN STREET.", "text", "yes"),
-    ("A flat icon of a house in two colours.", RATING_QUERY, "2"),
-    ("A red apple on a wooden table.", "faces", "no"),
     ("A line chart of monthly sales with labelled axes and a legend.", "charts", "yes"),
-    ("A dog running on a beach under a clear sky.", RATING_QUERY, "5"),
-    ("A green meadow with a few trees under a cloudy sky.", "text", "no"),
-    ("A close-up of an old woman's face with wrinkles and grey hair.", RATING_QUERY, "7"),
+    ("A red apple on a wooden table.", "text", "no"),
+    ("A flat icon of a house in two colours.", RATING_QUERY, "2"),
+    ("A green meadow with a few trees under a cloudy sky.", "faces", "no"),
     ("A cartoon cat chasing a ball of yarn.", "charts", "no"),
-    ("A screenshot of a settings menu with many small labels.", "text", "yes"),
+    ('A poster with the title "Summer Festival 2019" and dates in small print.', "text", '"Summer Festival 2019"'),
+    ("A dog running on a beach under a clear sky.", RATING_QUERY, "5"),
     ("Two children laughing at a birthday party.", "faces", "yes"),
-    ("A flow diagram of boxes connected by arrows with small captions.", RATING_QUERY, "8"),
-    ("A mountain lake at sunset.", "faces", "no"),
-    ("A cartoon sun with a smiling face, drawn with thick outlines.", "text", "no"),
-    ("A scatter plot of two clusters of points with a legend.", "charts", "yes"),
-    ("A page of a printed book with two columns of small text.", RATING_QUERY, "9"),
+    ("A bar chart comparing five countries, with numbers above the bars.", "charts", "yes"),
+    ("A mountain lake at sunset.", "text", "no"),
+    ("A close-up of an old woman's face with wrinkles and grey hair.", RATING_QUERY, "7"),
+    ("A clip art drawing of a yellow star with a thick outline.", "faces", "no"),
     ("A close-up portrait of a woman in a red scarf.", "charts", "no"),
+    ('A screenshot of a settings menu with labels such as "Wi-Fi" and "Bluetooth".', "text", '"Wi-Fi" "Bluetooth"'),
+    ("A flow diagram of boxes connected by arrows with small captions.", RATING_QUERY, "8"),
+    ("A bowl of oranges on a kitchen counter.", "faces", "no"),
+    ("A scatter plot of two clusters of points with a legend.", "charts", "yes"),
+    ("A cartoon sun drawn with thick outlines.", "text", "no"),
+    ("A crowd of football fans cheering in a stadium.", "faces", "yes"),
+    ("A photo of a busy street with cars and trees.", "charts", "no"),
+    ('A license plate on a car reading "KB 4471".', "text", '"KB 4471"'),
+    ("A page of a printed book with two columns of small text.", RATING_QUERY, "9"),
+    ("A simple drawing of a blue umbrella.", "text", "no"),
+    ("A histogram of test scores with a title and axis labels.", "charts", "yes"),
+    ("A young man with glasses looking at the camera.", "faces", "yes"),
 )
 
-# Stand-ins used to find where the caption and the question go in the rendered chat template.
+# Stand-in used to find where the caption goes in the rendered chat template.
 _CAPTION_SLOT = "\u2063CAPTION\u2063"
-_QUESTION_SLOT = "\u2063QUESTION\u2063"
 
 
 @dataclass
@@ -97,7 +113,9 @@ class ComplexityScore:
         score: final score in [1, 9] after :class:`CombinationRule` (what routing uses).
         rating: expected value of the LLM's 1-9 digit, in [1, 9].
         distribution: the LLM's probabilities of the digits 1..9 (nine floats summing to 1).
-        flags: perception flag name -> P(yes) in [0, 1] (``text``, ``faces``, ``charts``).
+        flags: perception flag name -> calibrated P(yes) in [0, 1] (``text``, ``faces``,
+            ``charts``), what the :class:`CombinationRule` used.
+        raw_flags: the model's uncalibrated P(yes) per flag (what the score cache stores).
         source: what decided the score: ``"caption_llm"`` or ``"image_jpeg_bpp"``.
     """
 
@@ -106,6 +124,7 @@ class ComplexityScore:
     distribution: list[float] = field(default_factory=list)
     flags: dict[str, float] = field(default_factory=dict)
     source: str = SOURCE_CAPTION_LLM
+    raw_flags: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -113,6 +132,7 @@ class ComplexityScore:
             "rating": self.rating,
             "distribution": list(self.distribution),
             "flags": dict(self.flags),
+            "raw_flags": dict(self.raw_flags),
             "source": self.source,
         }
 
@@ -124,31 +144,89 @@ class ComplexityScore:
             distribution=[float(p) for p in data.get("distribution", [])],
             flags={str(k): float(v) for k, v in data.get("flags", {}).items()},
             source=str(data.get("source", SOURCE_CAPTION_LLM)),
+            raw_flags={str(k): float(v) for k, v in data.get("raw_flags", {}).items()},
         )
+
+
+# Fitted by ``python -m eval.router_domains --fit`` on the devset TRAIN split (294 captions,
+# nested_vae/weights/default/split.json) with the default model and PROMPT_VERSION above; see
+# router/README.md for the held-out numbers. Other models or prompts need their own fit.
+DEFAULT_FLAG_CALIBRATION = {"text": (1.9949, -5.886), "faces": (3.4168, -2.0941), "charts": (2.1108, -3.803)}
+DEFAULT_FLAG_LIFTS = {"text": 3.357, "faces": 2.398, "charts": 2.585}
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    p = min(1.0 - eps, max(eps, float(p)))
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 @dataclass
 class CombinationRule:
     """How the LLM rating and the perception flags combine into the final score.
 
-    ``score = clip(rating + sum_f flag_lifts[f] * P_f(yes), 1, 9)``
+    ``P_f = sigmoid(slope_f * logit(raw_f) + intercept_f)`` (flag calibration), then
+    ``score = clip(rating + sum_f flag_lifts[f] * P_f, 1, 9)``.
 
-    Why additive lifts: the rating alone under-rates captions that mention things human perception
-    is sensitive to (small text, faces, thin chart lines), which need the finer ratios even when the
-    scene is otherwise simple. A lift is the number of score points a certain "yes" adds. Set a lift
-    to 0 to ignore that flag, or all to 0 to use the raw rating.
+    Why: the rating alone under-rates captions that mention what human perception is sensitive to
+    (small text, faces, thin chart lines), which need the finer ratios even when the scene is
+    otherwise simple, so those flags lift the score additively; a lift is the number of score
+    points a certain "yes" adds. The raw flag probabilities of a small model are biased (P(yes) of
+    a content-free caption is far from 0.5) and unevenly scaled across flags, so each flag is first
+    mapped through a per-flag logistic calibration (Platt scaling). Set ``flag_calibration={}`` to
+    use the raw probabilities, a lift to 0 to ignore that flag, ``flag_lifts={}`` for the rating.
 
     Args:
-        flag_lifts: flag name -> score points added at P(yes) = 1. Defaults are a prior (text is
-            the most loss-sensitive content, then faces and thin chart lines), not fitted: with the
-            default 0.5B model the flags separate domains only weakly (see router/README.md).
+        flag_lifts: flag name -> score points added at calibrated P = 1.
+        flag_calibration: flag name -> (slope, intercept) applied to the raw flag's log-odds;
+            a flag not listed is used raw.
+
+    The defaults (:data:`DEFAULT_FLAG_CALIBRATION`, :data:`DEFAULT_FLAG_LIFTS`) are FITTED for the
+    default model and prompt on the devset train split by ``eval/router_domains.py --fit``: the
+    calibration by logistic regression of "the image is in that flag's domain" (text / face /
+    chart) on the flag's log-odds, the lifts by logistic regression of "perception-sensitive
+    domain" (text, face, chart vs clip art, photo) on the rating and the calibrated flags, divided
+    by the rating's weight (so the score keeps the rating's units and orders images like that
+    classifier). With another model or prompt, refit them.
     """
 
-    flag_lifts: dict[str, float] = field(default_factory=lambda: {"text": 1.5, "faces": 1.0, "charts": 1.0})
+    flag_lifts: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FLAG_LIFTS))
+    flag_calibration: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: dict(DEFAULT_FLAG_CALIBRATION)
+    )
+
+    def calibrate_flags(self, flags: Mapping[str, float]) -> dict[str, float]:
+        """Raw model P(yes) per flag -> calibrated probabilities."""
+        calibrated = {}
+        for name, p in flags.items():
+            if name in self.flag_calibration:
+                slope, intercept = self.flag_calibration[name]
+                calibrated[name] = sigmoid(slope * logit(p) + intercept)
+            else:
+                calibrated[name] = float(p)
+        return calibrated
 
     def combine(self, rating: float, flags: Mapping[str, float]) -> float:
-        lifted = rating + sum(lift * flags.get(name, 0.0) for name, lift in self.flag_lifts.items())
+        """Final score from the rating and the RAW flag probabilities."""
+        calibrated = self.calibrate_flags(flags)
+        lifted = rating + sum(lift * calibrated.get(name, 0.0) for name, lift in self.flag_lifts.items())
         return min(9.0, max(1.0, lifted))
+
+    def to_dict(self) -> dict:
+        return {
+            "flag_lifts": dict(self.flag_lifts),
+            "flag_calibration": {name: list(pair) for name, pair in self.flag_calibration.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> CombinationRule:
+        return cls(
+            flag_lifts={str(k): float(v) for k, v in data["flag_lifts"].items()},
+            flag_calibration={str(k): (float(a), float(b)) for k, (a, b) in data["flag_calibration"].items()},
+        )
 
 
 def expected_rating(distribution: Sequence[float]) -> float:
@@ -168,14 +246,15 @@ def softmax(logits: Sequence[float]) -> list[float]:
 def make_score(
     distribution: Sequence[float], flags: Mapping[str, float], rule: CombinationRule | None = None
 ) -> ComplexityScore:
-    """Build a caption score from the LLM's digit distribution and flag probabilities."""
+    """Build a caption score from the LLM's digit distribution and raw flag probabilities."""
     rule = rule or CombinationRule()
     rating = expected_rating(distribution)
     return ComplexityScore(
         score=rule.combine(rating, flags),
         rating=rating,
         distribution=[float(p) for p in distribution],
-        flags={name: float(p) for name, p in flags.items()},
+        flags=rule.calibrate_flags(flags),
+        raw_flags={name: float(p) for name, p in flags.items()},
         source=SOURCE_CAPTION_LLM,
     )
 
@@ -186,9 +265,10 @@ class PromptParts:
 
     Args:
         prefix: text before the caption, identical for every caption (its KV cache is shared).
-        caption_suffix: text right after the caption, shared by all queries of a caption.
-        answer_keys: query name -> the rest of the prompt for that query (its question, the end
-            of the user turn and the assistant header); the model's next token is the answer.
+        caption_suffix: text right after the caption (end of the user turn, assistant header),
+            shared by all queries of a caption.
+        answer_keys: query name -> its answer key (``complexity:``, ``text:``, ...); the model's
+            next token after it is the answer.
     """
 
     prefix: str
@@ -207,28 +287,28 @@ def clean_caption(caption: str) -> str:
 def build_prompt_parts(tokenizer=None) -> PromptParts:
     """Render the prompt with the tokenizer's chat template (when it has one) and split it.
 
+    Every turn is ``user: "Caption: <caption>"`` / ``assistant: "<key> <answer>"``; the last user
+    turn holds the caption slot and is followed by the assistant header, then each query's key.
     Without a chat template a plain "User:/Assistant:" layout is used.
     """
-    def ask(caption: str, question: str) -> str:
-        return f"Caption: {caption}\n{question}"
-
     messages = []
     for caption, query, answer in FEW_SHOT:
-        messages += [{"role": "user", "content": ask(caption, QUERIES[query])}, {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": ask(_CAPTION_SLOT, _QUESTION_SLOT)})
+        messages += [
+            {"role": "user", "content": f"Caption: {caption}"},
+            {"role": "assistant", "content": f"{QUERIES[query]} {answer}"},
+        ]
+    messages.append({"role": "user", "content": f"Caption: {_CAPTION_SLOT}"})
     messages[0]["content"] = INSTRUCTION + "\n\n" + messages[0]["content"]
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if template:
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
-        rendered = "\n".join(turns) + "\nAssistant:"
-    if rendered.count(_CAPTION_SLOT) != 1 or rendered.count(_QUESTION_SLOT) != 1:
+        rendered = "\n".join(turns) + "\nAssistant: "
+    if rendered.count(_CAPTION_SLOT) != 1:
         raise ValueError("the chat template must render the user message exactly once")
-    prefix, rest = rendered.split(_CAPTION_SLOT)
-    caption_suffix, after_question = rest.split(_QUESTION_SLOT)
-    keys = {query: question + after_question for query, question in QUERIES.items()}
-    return PromptParts(prefix=prefix, caption_suffix=caption_suffix, answer_keys=keys)
+    prefix, caption_suffix = rendered.split(_CAPTION_SLOT)
+    return PromptParts(prefix=prefix, caption_suffix=caption_suffix, answer_keys=dict(QUERIES))
 
 
 def answer_token_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
@@ -261,7 +341,8 @@ class PromptTokens:
         prefix_ids / suffix_ids: ids of the shared prefix and of the caption suffix.
         queries: query names, rating first, then :data:`FLAG_QUERIES`.
         key_ids: per query, ids of its answer key.
-        digit_ids / yes_no_ids: per answer, ids of its single-token spellings.
+        digit_ids: per digit 1..9, ids of its single-token spellings.
+        flag_ids: per flag, [ids of the "yes" answer's spellings, ids of the "no" answer's] (ANSWERS).
     """
 
     def __init__(self, tokenizer):
@@ -270,8 +351,8 @@ class PromptTokens:
         self.queries = (RATING_QUERY, *FLAG_QUERIES)
         self.prefix_ids = self.encode(self.parts.prefix)
         self.suffix_ids = self.encode(self.parts.caption_suffix)
-        self.digit_ids = answer_token_ids(tokenizer, DIGITS)
-        self.yes_no_ids = answer_token_ids(tokenizer, YES_NO)
+        self.digit_ids = answer_token_ids(tokenizer, ANSWERS[RATING_QUERY])
+        self.flag_ids = {flag: answer_token_ids(tokenizer, ANSWERS[flag]) for flag in FLAG_QUERIES}
         self.key_ids = [self.encode(self.answer_key(q)) for q in self.queries]
 
     def encode(self, text: str) -> list[int]:
@@ -288,11 +369,11 @@ class PromptTokens:
         key = self.parts.answer_keys[query]
         if not key or key[-1].isspace():
             return key
-        spaced = [self.encode(" " + word) for word in (DIGITS if query == RATING_QUERY else YES_NO)]
+        spaced = [self.encode(" " + word) for word in ANSWERS[query]]
         return key if all(len(ids) == 1 for ids in spaced) else key + " "
 
     def answer_ids(self, query: str) -> list[list[int]]:
-        return self.digit_ids if query == RATING_QUERY else self.yes_no_ids
+        return self.digit_ids if query == RATING_QUERY else self.flag_ids[query]
 
     def full_prompt_ids(self, caption: str, query: str) -> list[int]:
         """Token ids of the complete prompt for one (caption, query), as one sequence."""

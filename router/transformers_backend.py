@@ -5,7 +5,7 @@ How a batch is scored (see router.scores for the prompt layout):
 1. The instruction prefix is the same for every caption, so its KV cache is computed once when the
    scorer is built and copied into every batch.
 2. Each row of a batch is ``[pads] caption caption_suffix key_1 .. key_Q`` where ``key_q`` are the
-   short answer keys (``complexity:``, ``text:``, ``faces:``, ``charts:``). Captions are
+   short answer keys (``complexity:``, ``text:``, ``face:``, ``chart:``; 2-4 tokens each). Captions are
    left-padded inside their segment so every row ends at the same column.
 3. A custom 4D attention mask lets every key block see the prefix, its caption and itself, but not
    the other key blocks or the pads; explicit position ids make each key start right after its
@@ -13,8 +13,9 @@ How a batch is scored (see router.scores for the prompt layout):
    ``len(caption) + len(caption_suffix) + sum(len(key_q))`` new tokens per caption, and the
    result equals scoring each (caption, query) prompt on its own.
 4. Only the last token of each key block goes through the LM head (``logits_to_keep``); the
-   answer distribution is the softmax over the candidate tokens (digits 1..9, or yes/no), where
-   spelling variants (``"5"``/``" 5"``, ``"yes"``/``" Yes"``...) that are single tokens are summed.
+   answer distribution is the softmax over the candidate tokens (digits 1..9, or a flag's two
+   answers), where spelling variants (``"5"``/``" 5"``, ``"yes"``/``" Yes"``...) that are single
+   tokens are summed.
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ class TransformersScorer(ComplexityScorer):
         self.forward_calls += 1
         logits = out.logits.float()  # (batch, n_queries, vocab)
         digit_dist = answer_distribution(logits[:, 0], self.prompt.digit_ids)
-        flag_dists = [answer_distribution(logits[:, q + 1], self.prompt.yes_no_ids) for q in range(len(FLAG_QUERIES))]
+        flag_dists = [
+            answer_distribution(logits[:, q + 1], self.prompt.answer_ids(name)) for q, name in enumerate(FLAG_QUERIES)
+        ]
         results = []
         for row in range(len(caption_ids)):
             flags = {name: float(dist[row, 0]) for name, dist in zip(FLAG_QUERIES, flag_dists)}

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from router.cache import CachedScorer, ScoreCache
-from router.scores import FLAG_QUERIES, CombinationRule, ComplexityScore, PromptTokens, build_prompt_parts
+from router.scores import (
+    ANSWERS,
+    FLAG_QUERIES,
+    QUERIES,
+    CombinationRule,
+    ComplexityScore,
+    PromptTokens,
+    build_prompt_parts,
+    make_score,
+)
 from router.transformers_backend import answer_distribution
 
 CAPTIONS = [
@@ -53,7 +63,8 @@ def test_cached_prefix_equals_a_plain_forward_of_the_whole_prompt(tiny_scorer):
             with torch.inference_mode():
                 logits = tiny_scorer.model(input_ids=ids).logits[:, -1].float()
             reference = answer_distribution(logits, prompt.answer_ids(query))[0]
-            got = score.distribution if query == "complexity" else [score.flags[query], 1 - score.flags[query]]
+            raw = score.raw_flags
+            got = score.distribution if query == "complexity" else [raw[query], 1 - raw[query]]
             assert reference.tolist() == pytest.approx(got, abs=1e-5)
 
 
@@ -61,16 +72,24 @@ def test_prompt_puts_instruction_first_and_caption_last(tiny_scorer):
     parts = build_prompt_parts(tiny_scorer.tokenizer)
     assert "<|im_start|>user" in parts.prefix  # the chat template was applied
     assert "visually complex" in parts.prefix
-    for key in parts.answer_keys.values():
-        assert key.endswith("<|im_start|>assistant\n")
+    assert parts.caption_suffix.endswith("<|im_start|>assistant\n")
+    # Per query only a short answer key follows the caption; the questions are in the shared prefix.
+    assert parts.answer_keys == QUERIES
+    assert all(f"{key} " in parts.prefix for key in QUERIES.values())  # every key has worked examples
     # The caption is the only thing between the shared prefix and the per-query part.
-    assert parts.full_text("XYZ", "faces").startswith(parts.prefix + "XYZ")
+    assert parts.full_text("XYZ", "faces") == parts.prefix + "XYZ" + parts.caption_suffix + "face:"
 
 
 def test_answer_tokens_are_single_distinct_tokens(tiny_scorer):
     prompt = PromptTokens(tiny_scorer.tokenizer)
-    flat = [t for ids in prompt.digit_ids + prompt.yes_no_ids for t in ids]
-    assert len(flat) == len(set(flat))
+    for query in prompt.queries:
+        flat = [t for ids in prompt.answer_ids(query) for t in ids]
+        assert len(flat) == len(set(flat))
+        assert len(prompt.answer_ids(query)) == len(ANSWERS[query])
+    # The text flag is read as "opening quote" (the model starts copying quoted words) vs "no".
+    assert prompt.answer_ids("text")[0] == [prompt.encode('"')[0]] + [
+        ids[0] for ids in [prompt.encode(' "')] if len(ids) == 1
+    ]
 
 
 def test_empty_caption_is_rejected_with_a_pointer_to_the_fallback(tiny_scorer):
@@ -81,10 +100,29 @@ def test_empty_caption_is_rejected_with_a_pointer_to_the_fallback(tiny_scorer):
 
 
 def test_combination_rule_lifts_by_flags():
-    rule = CombinationRule(flag_lifts={"text": 2.0, "faces": 1.0})
+    rule = CombinationRule(flag_lifts={"text": 2.0, "faces": 1.0}, flag_calibration={})
     assert rule.combine(4.0, {"text": 0.5, "faces": 1.0, "charts": 1.0}) == pytest.approx(6.0)
     assert rule.combine(8.5, {"text": 1.0}) == 9.0  # clipped
     assert CombinationRule(flag_lifts={}).combine(3.3, {"text": 1.0}) == pytest.approx(3.3)
+
+
+def test_combination_rule_calibrates_flags_in_log_odds():
+    rule = CombinationRule(flag_lifts={"text": 2.0}, flag_calibration={"text": (2.0, -1.0)})
+    # logit(0.5) = 0 -> sigmoid(-1); logit(0.75) = ln 3 -> sigmoid(2 ln 3 - 1)
+    assert rule.calibrate_flags({"text": 0.5})["text"] == pytest.approx(1 / (1 + math.e))
+    assert rule.calibrate_flags({"text": 0.75})["text"] == pytest.approx(1 / (1 + math.exp(1 - 2 * math.log(3))))
+    assert rule.calibrate_flags({"faces": 0.3}) == {"faces": 0.3}  # not listed: used raw
+    assert rule.combine(4.0, {"text": 0.5}) == pytest.approx(4.0 + 2.0 / (1 + math.e))
+    assert CombinationRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+
+
+def test_scores_report_calibrated_and_raw_flags(tiny_scorer):
+    rule = CombinationRule(flag_calibration={"faces": (1.0, 3.0)})
+    score = make_score([1 / 9] * 9, {"text": 0.2, "faces": 0.5, "charts": 0.9}, rule)
+    assert score.raw_flags == {"text": 0.2, "faces": 0.5, "charts": 0.9}
+    assert score.flags["faces"] == pytest.approx(1 / (1 + math.exp(-3.0)))
+    assert score.flags["text"] == 0.2
+    assert ComplexityScore.from_dict(score.to_dict()) == score
 
 
 def test_cache_hits_skip_the_model(tiny_scorer, tmp_path):

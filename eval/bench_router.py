@@ -111,6 +111,54 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def matmul_gflops(dtype, hidden: int, intermediate: int, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of this CPU on the model's MLP-shaped matmul (256 tokens), current threads."""
+    import torch
+
+    x = torch.randn(256, hidden, dtype=dtype)
+    w = torch.randn(hidden, intermediate, dtype=dtype)
+    torch.matmul(x, w)  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(x, w)
+        calls += 1
+    return 2 * 256 * hidden * intermediate * calls / (time.perf_counter() - start) / 1e9
+
+
+def compute_budget(scorer, captions: list[str], measured_captions_per_s: float) -> dict:
+    """Why the throughput is what it is: FLOPs per caption vs this CPU's sustained matmul FLOP/s.
+
+    Per caption the model runs its caption tokens, the caption suffix and the answer keys through
+    every layer (~2 FLOPs per non-embedding parameter per token), attends over the cached prefix,
+    and applies the LM head at one position per query.
+    """
+    model, prompt = scorer.model, scorer.prompt
+    config = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - embed.numel()
+    if head.data_ptr() != embed.data_ptr():
+        body -= head.numel()
+    caption_tokens = sum(len(prompt.encode(c)) for c in captions) / len(captions)
+    new_tokens = caption_tokens + len(prompt.suffix_ids) + sum(len(k) for k in prompt.key_ids)
+    context = len(prompt.prefix_ids) + new_tokens / 2
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * context * new_tokens
+    flops = 2 * body * new_tokens + 2 * head.numel() * len(prompt.queries) + attention
+    gflops = matmul_gflops(scorer.dtype, config.hidden_size, config.intermediate_size)
+    return {
+        "non_embedding_params": int(body),
+        "prefix_tokens": len(prompt.prefix_ids),
+        "caption_tokens_mean": round(caption_tokens, 1),
+        "new_tokens_per_caption": round(new_tokens, 1),
+        "gflop_per_caption": round(flops / 1e9, 2),
+        "matmul_gflops_per_s": round(gflops, 1),
+        "compute_bound_captions_per_s": round(gflops * 1e9 / flops, 2),
+        "measured_fraction_of_bound": round(measured_captions_per_s * flops / (gflops * 1e9), 2),
+        "gflops_per_s_needed_for_20_captions_per_s": round(20 * flops / 1e9, 1),
+    }
+
+
 def run(args) -> dict:
     captions, domains = read_captions(args.captions)
     if args.limit:
@@ -166,6 +214,9 @@ def run(args) -> dict:
             for j, i in enumerate(sample)
         )
         result["batch1_vs_batched_max_abs_diff"] = drift
+    if args.backend == "transformers":
+        reset_peak_rss()
+        result["compute_budget"] = compute_budget(scorer, captions, result["runs"][name]["captions_per_s"])
 
     result["per_domain"] = per_domain_table(domains, scores)
     result["scores"] = [
@@ -218,6 +269,14 @@ def print_report(result: dict) -> None:
             f"  {domain:<10} {row['n']:>4} {row['score']:>6.2f} {row['rating']:>6.2f} "
             f"{row['p_text']:>8.2f} {row['p_faces']:>8.2f} {row['p_charts']:>9.2f}"
         )
+    if "compute_budget" in result:
+        budget = result["compute_budget"]
+        print(
+            f"  compute: {budget['new_tokens_per_caption']} new tokens/caption, {budget['gflop_per_caption']} GFLOP/caption; "
+            f"matmul {budget['matmul_gflops_per_s']} GFLOP/s -> at most {budget['compute_bound_captions_per_s']} "
+            f"captions/s (measured {budget['measured_fraction_of_bound']} of that); 20 captions/s needs "
+            f"{budget['gflops_per_s_needed_for_20_captions_per_s']} GFLOP/s"
+        )
     if "agreement" in result:
         agreement = result["agreement"]
         print(
@@ -247,8 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None, help="default eval/results/router_<backend>.json")
+    parser.add_argument(
+        "--agreement-only",
+        action="store_true",
+        help="no scoring: recompute the backend agreement in an existing result file and rewrite it",
+    )
     args = parser.parse_args(argv)
 
+    if args.agreement_only:
+        out = args.out or RESULTS / f"router_{args.backend}.json"
+        result = json.loads(out.read_text())
+        other = "vllm" if args.backend == "transformers" else "transformers"
+        compare_backends(result, RESULTS / f"router_{other}.json")
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print_report(result)
+        return 0
     result = run(args)
     other = "vllm" if args.backend == "transformers" else "transformers"
     compare_backends(result, RESULTS / f"router_{other}.json")

@@ -5,7 +5,7 @@ the prompts are the same token ids the transformers backend uses (router.scores.
 vLLM's automatic prefix caching reuses the instruction prefix's KV cache across requests.
 
 Reading the answer: each request restricts sampling to its candidate tokens
-(``allowed_token_ids`` = the digit or yes/no spellings) and asks for that many logprobs with
+(``allowed_token_ids`` = the spellings of the digits or of the flag's two answers) and asks for that many logprobs with
 ``logprobs_mode="processed_logits"``, so vLLM returns exactly the candidates' logits (no top-k
 truncation); they are merged and normalised by the same function as the transformers backend.
 
@@ -43,7 +43,7 @@ class VLLMScorer(ComplexityScorer):
         model_id: name used in score caches.
         dtype: vLLM dtype string ("auto", "bfloat16", "float32", ...).
         rule: how rating and flags combine (default :class:`CombinationRule`).
-        max_model_len: context length to reserve (the prompt is ~300 tokens plus the caption).
+        max_model_len: context length to reserve (the prompt is ~1040 tokens plus the caption).
         engine_kwargs: extra ``vllm.LLM`` arguments (gpu_memory_utilization, tensor_parallel_size, ...).
     """
 
@@ -53,7 +53,7 @@ class VLLMScorer(ComplexityScorer):
         model_id: str | None = None,
         dtype: str = "auto",
         rule: CombinationRule | None = None,
-        max_model_len: int = 1024,
+        max_model_len: int = 2048,
         **engine_kwargs,
     ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -86,9 +86,19 @@ class NestedVAEConfig:
             diffusers' AutoencoderKL).
         latent_channels: channels of the latent at every ratio (16 -> a 256x256 image gives
             16x32x32, 16x16x16 or 16x8x8).
-        norm_num_groups: GroupNorm groups everywhere. Must divide every stage width. The default 32
-            is diffusers' VAE default; with 32-channel first stages it normalises each channel of
-            the full-resolution stage on its own, and groups of 2-8 channels deeper down.
+        norm_num_groups: GroupNorm groups everywhere. Must divide every stage width. Default 8:
+            4 channels per group at the 32-channel full-resolution stage, as Stable Diffusion's VAE
+            has (32 groups over 128 channels). With one channel per group (32 here, diffusers'
+            default number) the decoder's last norm is an instance norm that erases each channel's
+            per-image mean and scale, where global colour lives, and models trained that way lost
+            colour (see nested_vae/weights/default/MODEL_CARD.md).
+        pixel_shortcut: DC-AE's parameter-free residual shortcut, from the pixels themselves: the
+            latent mean at ratio ``r`` gets ``space_to_channel_average(image, latent_channels, r)``
+            added (means of small groups of pixels of one colour channel), and the decoder adds
+            the inverse ``channel_repeat_to_space(z, out_channels, r)`` to its output. The pair is
+            an exact group-mean projection, so the network only learns the residual and a
+            low-frequency, colour-correct image is there from the first step (without it, our
+            CPU-trained models lost colour: the trunk let chroma fade and training stalled there).
         attention_ratios: ratios whose exit head and decoder entry get single-head self-attention.
             Attention at 8x (1024 positions at 256x256) would dominate the cost, so the default
             leaves it out.
@@ -102,8 +112,9 @@ class NestedVAEConfig:
     channel_multipliers: tuple[int, ...] = (1, 2, 4, 4, 8)
     layers_per_block: int = 1
     latent_channels: int = 16
-    norm_num_groups: int = 32
+    norm_num_groups: int = 8
     attention_ratios: tuple[int, ...] = field(default=(16, 32))
+    pixel_shortcut: bool = True
     scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
@@ -138,6 +149,12 @@ class NestedVAEConfig:
                     raise ValueError(
                         f"latent_channels={self.latent_channels} must divide 4 x the {side} width at "
                         f"ratio {ratio} ({4 * width}) for the parameter-free shortcut"
+                    )
+            for side, channels in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+                if self.pixel_shortcut and (channels * ratio * ratio) % self.latent_channels:
+                    raise ValueError(
+                        f"latent_channels={self.latent_channels} must divide {side} x {ratio}^2 "
+                        f"({channels * ratio * ratio}) for the pixel shortcut"
                     )
 
     @property
@@ -320,6 +337,8 @@ class Encoder(nn.Module):
                 for ratio in RATIOS
             }
         )
+        self.latent_channels = config.latent_channels
+        self.pixel_shortcut = config.pixel_shortcut
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, counts: dict[int, int]) -> dict[int, torch.Tensor]:
@@ -334,7 +353,7 @@ class Encoder(nn.Module):
             moments ``(n_r, 2 * latent_channels, H/r, W/r)`` per ratio with ``n_r > 0``. Each
             image runs through the trunk only as deep as its ratio needs.
         """
-        h = self.conv_in(x)
+        h, pixels = self.conv_in(x), x
         moments: dict[int, torch.Tensor] = {}
         for index, stage in enumerate(self.stages, start=1):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -345,7 +364,12 @@ class Encoder(nn.Module):
             exiting = counts.get(ratio, 0)
             if exiting:
                 moments[ratio] = self.exits[str(ratio)](before[:exiting], h[:exiting])
-                h = h[exiting:]
+                if self.pixel_shortcut:
+                    mean, logvar = moments[ratio].chunk(2, dim=1)
+                    shortcut = space_to_channel_average(pixels[:exiting], self.latent_channels, ratio)
+                    mean = mean + shortcut.to(mean.dtype)  # keep autocast's dtype
+                    moments[ratio] = torch.cat([mean, logvar], dim=1)
+                h, pixels = h[exiting:], pixels[exiting:]
             if h.shape[0] == 0:
                 break
         return moments
@@ -416,6 +440,13 @@ class Decoder(nn.Module):
         )
         self.norm_out = nn.GroupNorm(groups, widths[0], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, kernel_size=3, padding=1)
+        self.out_channels = config.out_channels
+        self.pixel_shortcut = config.pixel_shortcut
+        if config.pixel_shortcut:
+            # Zero-init the learned output so a new model starts as the exact shortcut projection
+            # (already ~21 dB at 8x) instead of the shortcut plus noise that training must undo.
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = False
 
     def forward(self, latents: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -445,7 +476,12 @@ class Decoder(nn.Module):
             else:
                 h = stage(h, shortcut)
         assert h is not None, "Decoder.forward needs at least one latent"
-        return self.conv_out(F.silu(self.norm_out(h)))
+        images = self.conv_out(F.silu(self.norm_out(h)))
+        if self.pixel_shortcut:
+            deepest_first = sorted(latents, reverse=True)
+            shortcut = torch.cat([channel_repeat_to_space(latents[r], self.out_channels, r) for r in deepest_first])
+            images = images + shortcut.to(images.dtype)
+        return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,6 +898,9 @@ class NestedVAE(nn.Module):
             raise CheckpointError(
                 f"{config_path}: line {error.lineno}: invalid JSON ({error.msg})"
             ) from error
+        # Checkpoints saved before the pixel shortcut existed were trained without it.
+        if isinstance(config_data, dict):
+            config_data.setdefault("pixel_shortcut", False)
         try:
             config = NestedVAEConfig.from_dict(config_data, source=str(config_path))
         except (TypeError, ValueError) as error:

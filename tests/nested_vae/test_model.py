@@ -21,6 +21,7 @@ from nested_vae import (
     NestedVAEConfig,
     Padding,
 )
+from nested_vae.blocks import channel_repeat_to_space, space_to_channel_average
 
 TINY = dict(base_channels=8, norm_num_groups=8)
 
@@ -47,7 +48,7 @@ def test_default_config_is_the_documented_one():
     config = NestedVAE().config
     assert config == NestedVAEConfig()
     assert config.widths == (32, 64, 128, 128, 256)
-    assert (config.latent_channels, config.layers_per_block, config.norm_num_groups) == (16, 1, 32)
+    assert (config.latent_channels, config.layers_per_block, config.norm_num_groups) == (16, 1, 8)
     assert config.attention_ratios == (16, 32)
     assert config.scaling_factor == 1.0
     assert RATIOS == (8, 16, 32)
@@ -67,11 +68,41 @@ def test_default_model_size_fits_the_shipping_budget():
         (dict(attention_ratios=(4,)), "not among the supported ratios"),
         (dict(base_channels=8, norm_num_groups=8, latent_channels=7), "latent_channels=7 must divide"),
         (dict(latent_channels=0), "latent_channels must be >= 1"),
+        (dict(base_channels=8, norm_num_groups=8, latent_channels=128), "for the pixel shortcut"),
     ],
 )
 def test_invalid_config_is_rejected_with_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         NestedVAEConfig(**overrides)
+
+
+# -- pixel shortcut --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_pixel_shortcut_adds_group_means_to_the_latent_and_repeats_them_back(ratio):
+    x = images(2, 64, 96)
+    with_shortcut, without = tiny_vae(seed=3), tiny_vae(seed=3, pixel_shortcut=False)
+    with torch.no_grad():
+        z = with_shortcut.encode(x, ratio).latent_dist.mean
+        z_plain = without.encode(x, ratio).latent_dist.mean
+        torch.testing.assert_close(z - z_plain, space_to_channel_average(x, 16, ratio), atol=1e-5, rtol=0)
+        # The learned output layer starts at zero: a new model decodes to the exact projection.
+        decoded = with_shortcut.decode(z, ratio).sample
+        torch.testing.assert_close(decoded, channel_repeat_to_space(z, 3, ratio), atol=1e-6, rtol=0)
+
+
+def test_checkpoint_saved_before_the_pixel_shortcut_loads_without_it(tmp_path):
+    old = tiny_vae(seed=5, pixel_shortcut=False)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["pixel_shortcut"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = NestedVAE.from_pretrained(tmp_path)
+    assert loaded.config.pixel_shortcut is False
+    x = images(1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 16).sample, old(x, 16).sample, atol=0, rtol=0)
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -204,6 +235,9 @@ def test_no_duplicate_modules_and_far_fewer_parameters_than_three_vaes():
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_each_ratios_loss_reaches_the_shared_trunk(ratio):
     vae = tiny_vae().train()
+    # A new model's output layer is zero (pixel shortcut), which passes no gradient below it on
+    # the very first step; give it the small non-zero weights any trained model has.
+    torch.nn.init.normal_(vae.decoder.conv_out.weight, std=0.01)
     x = images(2, 64, 64)
     output = vae(x, ratio, sample_posterior=True, generator=torch.Generator().manual_seed(0))
     loss = (output.sample - x).pow(2).mean() + output.latent_dist.kl().mean() * 1e-6
@@ -225,6 +259,7 @@ def test_each_ratios_loss_reaches_the_shared_trunk(ratio):
 
 def test_mixed_ratio_batch_trains_every_head_at_once():
     vae = tiny_vae().train()
+    torch.nn.init.normal_(vae.decoder.conv_out.weight, std=0.01)  # as in a trained model (see above)
     output = vae(images(3, 64, 64), [16, 8, 32])
     output.sample.pow(2).mean().backward()
     for ratio in RATIOS:

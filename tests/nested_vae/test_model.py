@@ -416,6 +416,35 @@ def test_default_name_resolves_to_the_shipped_directory(vae, tmp_path, monkeypat
     assert NestedVAE.from_pretrained("default").config == vae.config
 
 
+def _chroma(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([images[:, 0] - images[:, 1], images[:, 2] - images[:, 1]], dim=1)
+
+
+def test_shipped_checkpoint_keeps_colour_and_orders_quality_by_ratio(devset_dir, devset_records):
+    """On held-out devset images: 8x > 16x > 32x in PSNR, and colour survives at 8x.
+
+    The first CPU checkpoint decoded nearly grey images (its chroma error equalled the images' own
+    chroma); this guards against shipping such a model again.
+    """
+    from cat_tokenizer.images import center_crop_resize, load_image, pil_to_tensor
+
+    split = json.loads((model_module.DEFAULT_WEIGHTS_DIR / "split.json").read_text())
+    heldout = set(split["heldout"])
+    photos = [r for r in devset_records if r["image"].rsplit("/", 1)[-1] in heldout and r["domain"] in ("photo", "face")]
+    assert len(photos) >= 8
+    x = torch.stack([pil_to_tensor(center_crop_resize(load_image(devset_dir / r["image"]), 128)) for r in photos[:8]])
+    vae = NestedVAE.from_pretrained("default").float().eval()
+    psnr = {}
+    with torch.no_grad():
+        for ratio in RATIOS:
+            out = vae(x, ratio, sample_posterior=False).sample.clamp(-1, 1)
+            psnr[ratio] = float((10 * torch.log10(4 / (out - x).pow(2).mean(dim=(1, 2, 3)))).mean())
+            if ratio == 8:
+                chroma_error = (_chroma(out) - _chroma(x)).abs().mean()
+                assert chroma_error < 0.5 * _chroma(x).abs().mean(), "colour lost at 8x"
+    assert psnr[8] > psnr[16] > psnr[32], psnr
+
+
 def test_shipped_checkpoint_loads_when_present():
     if not (model_module.DEFAULT_WEIGHTS_DIR / "model.safetensors").is_file():
         pytest.skip("no shipped checkpoint in nested_vae/weights/default yet")

@@ -21,11 +21,11 @@ from cat_tokenizer.store import read_jsonl
 from nested_vae import NestedVAE
 from router import RoutingPolicy, load_scorer
 
-# Per-image PSNR floor (dB) for the shipped checkpoint at --max-side 256. The current checkpoint
-# is under-trained (model card: 17 dB mean at 8x on held-out images, 11-20 dB per devset image),
-# so the floor only catches a broken pipeline (colour order, value range, crop); the real check
-# of the pipeline is that the CLI's reconstruction equals the library's own encode -> decode.
-PSNR_FLOOR = {8: 10.0, 16: 10.0, 32: 10.0}
+# Per-image PSNR floor (dB) for the shipped checkpoint at --max-side 256: about 2 dB under the worst
+# of the 10 sample images at each ratio (measured 20.0 / 15.0 / 12.0 dB; model card: 22.9 / 19.7 /
+# 17.5 dB mean on held-out images). The exact check of the pipeline is that the CLI's reconstruction
+# equals the library's own encode -> decode.
+PSNR_FLOOR = {8: 18.0, 16: 13.0, 32: 10.0}
 MAX_PSNR_GAP_TO_LIBRARY_DB = 0.1
 
 

@@ -58,6 +58,11 @@ class VLLMScorer(ComplexityScorer):
     ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         vllm = _import_vllm()
+        import torch
+
+        # Without CUDA, vLLM's torch.compile warm-up took over 10 minutes on our 2-core CPU before a
+        # single caption was scored; eager mode starts in under a minute (eval/bench_router.py).
+        engine_kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
         self._vllm = vllm
         self.model_id = model_id or str(model_path)
         self.rule = rule or CombinationRule()

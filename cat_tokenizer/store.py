@@ -19,6 +19,10 @@ rest (including whatever sat in the unfinished shard).
 
 Under ``accelerate launch`` every rank writes its own shards (``r<rank>-*``) and its own
 ``errors.rank<rank>.jsonl`` part; rank 0 merges them after a barrier.
+
+Fault injection (tests only): with ``CAT_TOKENIZER_KILL_AFTER_SHARDS=N`` in the environment, the
+process SIGKILLs itself right after committing its N-th shard of the run, before any later write.
+Crash tests use it to kill a run at a known point, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +45,7 @@ ERRORS = "errors.jsonl"
 SUMMARY = "summary.json"
 RUN_INFO = "run.json"
 TMP_SUFFIX = ".tmp"
+KILL_AFTER_SHARDS_ENV = "CAT_TOKENIZER_KILL_AFTER_SHARDS"
 _SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
 
 
@@ -138,7 +144,8 @@ class ShardWriter:
         ]
         self.next_sequence = max(own, default=-1) + 1
         self.pending: list[tuple[str, Encoded, dict]] = []
-        self.committed: list[dict] = []
+        self.shards_this_run = 0
+        self.kill_after_shards = _kill_after_shards()
 
     def add(self, image_id: str, encoded: Encoded, details: dict) -> None:
         """Queue one image; commits a shard when ``shard_size`` images are queued."""
@@ -161,5 +168,17 @@ class ShardWriter:
         metadata = {"format": SHARD_FORMAT, "records": json.dumps(records, ensure_ascii=False)}
         atomic_write_bytes(self.out_dir / name, save(tensors, metadata))
         self.next_sequence += 1
-        self.committed.extend(records)
         self.pending = []
+        self.shards_this_run += 1
+        if self.shards_this_run == self.kill_after_shards:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_after_shards() -> int | None:
+    """The fault-injection point from :data:`KILL_AFTER_SHARDS_ENV` (``None`` when unset)."""
+    value = os.environ.get(KILL_AFTER_SHARDS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{KILL_AFTER_SHARDS_ENV} must be a positive integer, got {value!r}")
+    return int(value)

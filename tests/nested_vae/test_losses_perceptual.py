@@ -1,4 +1,7 @@
-"""Perceptual distances: the real EfficientNet-Lite0 feature distance and LPIPS-VGG loading."""
+"""Perceptual distances: the real EfficientNet-Lite0 feature distance, and LPIPS as the VAE loss.
+
+LPIPS values, loading and bad-input handling are tested in test_lpips.py.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,10 @@ import pytest
 import torch
 
 from cat_tokenizer.images import load_image, pil_to_tensor
-from nested_vae.perceptual import (
-    EfficientNetFeatureDistance,
-    LPIPSUnavailableError,
-    build_perceptual,
-    build_vgg16_features,
-    load_lpips,
-    lpips_head_weights_path,
-)
+from cat_tokenizer.testing import TINY_VAE_CONFIG
+from nested_vae import NestedVAE, NestedVAEConfig
+from nested_vae.losses import LossConfig, RatioGroup, VAELoss
+from nested_vae.perceptual import LPIPS, EfficientNetFeatureDistance, build_perceptual
 
 
 @pytest.fixture(scope="module")
@@ -58,42 +57,27 @@ def test_efficientnet_distance_is_frozen_and_passes_gradients_to_the_input(featu
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
-def test_lpips_unavailable_names_the_missing_backbone_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the real situation offline
-    with pytest.raises(LPIPSUnavailableError, match="vgg16-397923af.pth"):
-        load_lpips()
-    with pytest.raises(LPIPSUnavailableError, match="backbone"):
-        build_perceptual("lpips", backbone_weights=tmp_path / "nowhere.pth")
-
-
-def test_lpips_unavailable_names_the_missing_head_file(tmp_path):
-    backbone = tmp_path / "vgg16.pth"
-    torch.save({}, backbone)
-    with pytest.raises(LPIPSUnavailableError, match="linear heads missing"):
-        load_lpips(backbone_weights=backbone, head_weights=tmp_path / "missing_vgg.pth")
-
-
-def test_lpips_head_weights_are_found_without_importing_lpips():
-    path = lpips_head_weights_path("vgg")
-    assert path.name == "vgg.pth" and path.is_file()
-
-
-def test_lpips_plumbing_with_random_backbone(tmp_path):
-    # PLUMBING ONLY: the ImageNet VGG16 backbone exists nowhere offline here, so this test writes
-    # a randomly initialised VGG16 state dict (torchvision's key layout) to a temp file. It checks
-    # loading and the LPIPS arithmetic with the real shipped linear heads, not LPIPS values.
+def test_lpips_is_the_perceptual_loss_by_name_and_trains(devset_dir, devset_sample, tmp_path, monkeypatch):
+    # perceptual: lpips in a training config -> the real LPIPS-VGG v0.1, logged as lpips_vgg,
+    # and optimising it through a (tiny) VAE lowers it.
+    monkeypatch.setenv("CAT_TOKENIZER_CACHE", str(tmp_path))
+    names = [devset_sample[0]["image"], devset_sample[-1]["image"]]
+    images = torch.stack([pil_to_tensor(load_image(devset_dir / n).resize((32, 32))) for n in names])
     torch.manual_seed(0)
-    features = build_vgg16_features()
-    backbone = tmp_path / "vgg16-397923af.pth"
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, backbone)
-    lpips = load_lpips(backbone_weights=backbone)
-    assert lpips.name == "lpips_vgg"
-    assert torch.equal(lpips.features[0].weight, features[0].weight)
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert torch.allclose(lpips(images, images), torch.zeros(2), atol=1e-7)
-    far = lpips(-images, images)
-    assert far.shape == (2,) and (far > 0).all()
-    assert torch.allclose(far, lpips(images, -images), atol=1e-6)
+    vae = NestedVAE(NestedVAEConfig(**TINY_VAE_CONFIG))
+    loss = VAELoss(LossConfig(perceptual="lpips", kl_weight=0.0, disc_weight=0.0))
+    assert isinstance(loss.perceptual, LPIPS) and loss.perceptual.name == "lpips_vgg"
+    optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    history = []
+    for _ in range(6):
+        output = vae(images, 16, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        total, logs = loss.generator_loss([RatioGroup(16, images, output.sample, output.latent_dist)], step=0)
+        history.append(logs["train/r16/lpips_vgg"])
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert not any("efficientnet" in key for key in logs)
+    assert history[-1] < 0.95 * history[0], history
 
 
 def test_unknown_backend_is_rejected():

@@ -53,6 +53,7 @@ from .blocks import (
     channel_repeat_to_space,
     space_to_channel_average,
 )
+from .shortcuts import build_pixel_shortcut, normalize_kind
 from .tiling import run_tiled
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ RATIOS: tuple[int, ...] = (8, 16, 32)
 """Supported compression ratios (per side). Ratio ``2**j`` exits after encoder stage ``j``."""
 
 NUM_STAGES = 5
+INITIAL_LOGVAR = -8.0  # log-variance a new model's posterior starts at
 PAD_MULTIPLE = 32  # the deepest ratio: every padded image gives whole latents at every ratio
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -92,13 +94,16 @@ class NestedVAEConfig:
             default number) the decoder's last norm is an instance norm that erases each channel's
             per-image mean and scale, where global colour lives, and models trained that way lost
             colour (see nested_vae/weights/default/MODEL_CARD.md).
-        pixel_shortcut: DC-AE's parameter-free residual shortcut, from the pixels themselves: the
-            latent mean at ratio ``r`` gets ``space_to_channel_average(image, latent_channels, r)``
-            added (means of small groups of pixels of one colour channel), and the decoder adds
-            the inverse ``channel_repeat_to_space(z, out_channels, r)`` to its output. The pair is
-            an exact group-mean projection, so the network only learns the residual and a
-            low-frequency, colour-correct image is there from the first step (without it, our
-            CPU-trained models lost colour: the trunk let chroma fade and training stalled there).
+        pixel_shortcut: the parameter-free image <-> latent pair added around the whole network
+            (:mod:`nested_vae.shortcuts`): ``"smooth"`` (a colour thumbnail, upsampled bicubically),
+            ``"blocks"`` (DC-AE's space-to-channel group means from the pixels; piecewise constant)
+            or ``"none"``. With a shortcut the network only learns the residual and a colour-correct
+            low-frequency image is there from the first step (without one, our CPU-trained models
+            lost colour: the trunk let chroma fade and training stalled there). ``True``/``False``
+            (configs written before the kinds existed) mean ``"blocks"``/``"none"``.
+        trunk_shortcuts: DC-AE's space<->channel shortcuts inside the trunk, around the resolution
+            change next to each latent (encoder exit: features before the downsample; decoder
+            entry: into the next stage's upsample), where later convolutions can smooth them.
         attention_ratios: ratios whose exit head and decoder entry get single-head self-attention.
             Attention at 8x (1024 positions at 256x256) would dominate the cost, so the default
             leaves it out.
@@ -114,12 +119,14 @@ class NestedVAEConfig:
     latent_channels: int = 16
     norm_num_groups: int = 8
     attention_ratios: tuple[int, ...] = field(default=(16, 32))
-    pixel_shortcut: bool = True
+    pixel_shortcut: str = "blocks"
+    trunk_shortcuts: bool = True
     scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
         self.attention_ratios = tuple(int(r) for r in self.attention_ratios)
+        self.pixel_shortcut = normalize_kind(self.pixel_shortcut)
         if len(self.channel_multipliers) != NUM_STAGES:
             raise ValueError(
                 f"channel_multipliers needs {NUM_STAGES} entries (one per 2x stage; ratios 8/16/32 exit "
@@ -150,12 +157,10 @@ class NestedVAEConfig:
                         f"latent_channels={self.latent_channels} must divide 4 x the {side} width at "
                         f"ratio {ratio} ({4 * width}) for the parameter-free shortcut"
                     )
-            for side, channels in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
-                if self.pixel_shortcut and (channels * ratio * ratio) % self.latent_channels:
-                    raise ValueError(
-                        f"latent_channels={self.latent_channels} must divide {side} x {ratio}^2 "
-                        f"({channels * ratio * ratio}) for the pixel shortcut"
-                    )
+            for channels in {self.in_channels, self.out_channels}:
+                shortcut = build_pixel_shortcut(self.pixel_shortcut, self.latent_channels, channels)
+                if shortcut is not None:
+                    shortcut.check_ratio(ratio)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -298,9 +303,12 @@ class EncoderStage(nn.Module):
 class ExitHead(nn.Module):
     """Turns trunk features at one ratio into the moments (mean, log-variance) of its latent."""
 
-    def __init__(self, width: int, latent_channels: int, norm_num_groups: int, attention: bool):
+    def __init__(
+        self, width: int, latent_channels: int, norm_num_groups: int, attention: bool, shortcut: bool = True
+    ):
         super().__init__()
         self.latent_channels = latent_channels
+        self.shortcut = shortcut
         self.block = ResnetBlock(width, width, norm_num_groups)
         self.attention = SelfAttention(width, norm_num_groups) if attention else None
         self.norm_out = nn.GroupNorm(norm_num_groups, width, eps=NORM_EPS)
@@ -311,7 +319,8 @@ class ExitHead(nn.Module):
         if self.attention is not None:
             h = self.attention(h)
         mean, logvar = self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
-        mean = mean + space_to_channel_average(before_downsample, self.latent_channels, factor=2)
+        if self.shortcut:
+            mean = mean + space_to_channel_average(before_downsample, self.latent_channels, factor=2)
         return torch.cat([mean, logvar], dim=1)
 
 
@@ -333,12 +342,23 @@ class Encoder(nn.Module):
                     config.latent_channels,
                     groups,
                     ratio in config.attention_ratios,
+                    config.trunk_shortcuts,
                 )
                 for ratio in RATIOS
             }
         )
         self.latent_channels = config.latent_channels
-        self.pixel_shortcut = config.pixel_shortcut
+        self.pixel_shortcut = build_pixel_shortcut(
+            config.pixel_shortcut, config.latent_channels, config.in_channels
+        )
+        for head in self.exits.values():
+            # A new model's posterior starts narrow (std e^-4): with unit noise on every latent the
+            # first hundreds of steps only learn to shrink it. With a pixel shortcut the learned
+            # mean starts at zero too, so a new model's latent is exactly the shortcut's.
+            nn.init.constant_(head.conv_out.bias[config.latent_channels :], INITIAL_LOGVAR)
+            if self.pixel_shortcut is not None:
+                nn.init.zeros_(head.conv_out.weight[: config.latent_channels])
+                nn.init.zeros_(head.conv_out.bias[: config.latent_channels])
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, counts: dict[int, int]) -> dict[int, torch.Tensor]:
@@ -364,9 +384,9 @@ class Encoder(nn.Module):
             exiting = counts.get(ratio, 0)
             if exiting:
                 moments[ratio] = self.exits[str(ratio)](before[:exiting], h[:exiting])
-                if self.pixel_shortcut:
+                if self.pixel_shortcut is not None:
                     mean, logvar = moments[ratio].chunk(2, dim=1)
-                    shortcut = space_to_channel_average(pixels[:exiting], self.latent_channels, ratio)
+                    shortcut = self.pixel_shortcut.encode(pixels[:exiting], ratio)
                     mean = mean + shortcut.to(mean.dtype)  # keep autocast's dtype
                     moments[ratio] = torch.cat([mean, logvar], dim=1)
                 h, pixels = h[exiting:], pixels[exiting:]
@@ -382,19 +402,22 @@ class Encoder(nn.Module):
 class EntryHead(nn.Module):
     """Lifts a latent into decoder features, plus the parameter-free shortcut for the next resolution."""
 
-    def __init__(self, latent_channels: int, width: int, norm_num_groups: int, attention: bool):
+    def __init__(
+        self, latent_channels: int, width: int, norm_num_groups: int, attention: bool, shortcut: bool = True
+    ):
         super().__init__()
         self.width = width
+        self.shortcut = shortcut
         self.conv_in = nn.Conv2d(latent_channels, width, kernel_size=3, padding=1)
         self.block = ResnetBlock(width, width, norm_num_groups)
         self.attention = SelfAttention(width, norm_num_groups) if attention else None
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return features ``(B, width, h, w)`` and the shortcut ``(B, width, 2h, 2w)``."""
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return features ``(B, width, h, w)`` and the shortcut ``(B, width, 2h, 2w)`` (or ``None``)."""
         h = self.block(self.conv_in(z))
         if self.attention is not None:
             h = self.attention(h)
-        return h, channel_repeat_to_space(z, self.width, factor=2)
+        return h, channel_repeat_to_space(z, self.width, factor=2) if self.shortcut else None
 
 
 class DecoderStage(nn.Module):
@@ -430,6 +453,7 @@ class Decoder(nn.Module):
                     config.decoder_input_width(_stage_of(ratio)),
                     groups,
                     ratio in config.attention_ratios,
+                    config.trunk_shortcuts,
                 )
                 for ratio in RATIOS
             }
@@ -441,8 +465,10 @@ class Decoder(nn.Module):
         self.norm_out = nn.GroupNorm(groups, widths[0], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, kernel_size=3, padding=1)
         self.out_channels = config.out_channels
-        self.pixel_shortcut = config.pixel_shortcut
-        if config.pixel_shortcut:
+        self.pixel_shortcut = build_pixel_shortcut(
+            config.pixel_shortcut, config.latent_channels, config.out_channels
+        )
+        if self.pixel_shortcut is not None:
             # Zero-init the learned output so a new model starts as the exact shortcut projection
             # (already ~21 dB at 8x) instead of the shortcut plus noise that training must undo.
             nn.init.zeros_(self.conv_out.weight)
@@ -464,6 +490,8 @@ class Decoder(nn.Module):
                 entered, entry_shortcut = self.entries[str(ratio)](latents[ratio])
                 if h is None:
                     h, shortcut = entered, entry_shortcut
+                elif entry_shortcut is None:
+                    h = torch.cat([h, entered])
                 else:
                     # Images already in the trunk get no shortcut at this stage.
                     passing = entry_shortcut.new_zeros((h.shape[0], *entry_shortcut.shape[1:]))
@@ -477,9 +505,9 @@ class Decoder(nn.Module):
                 h = stage(h, shortcut)
         assert h is not None, "Decoder.forward needs at least one latent"
         images = self.conv_out(F.silu(self.norm_out(h)))
-        if self.pixel_shortcut:
+        if self.pixel_shortcut is not None:
             deepest_first = sorted(latents, reverse=True)
-            shortcut = torch.cat([channel_repeat_to_space(latents[r], self.out_channels, r) for r in deepest_first])
+            shortcut = torch.cat([self.pixel_shortcut.decode(latents[r], r) for r in deepest_first])
             images = images + shortcut.to(images.dtype)
         return images
 

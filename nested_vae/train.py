@@ -819,6 +819,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "export":
         _export_main(argv[1:])
         return
+    if argv and argv[0] == "ratio-labels":
+        from . import ratio_labels  # imports the LPIPS loader: only for this subcommand
+
+        ratio_labels.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(
         prog="cat-train",
         description="Train the nested VAE. Overrides: --key=value, dotted for nested fields (--loss.disc_start=0.5).",

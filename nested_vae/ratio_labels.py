@@ -1,0 +1,123 @@
+"""Oracle ratio labels for routed training: the cheapest ratio whose reconstruction meets a bar.
+
+CAT trains each image at the ratio its complexity picks, so the exits specialise. Besides the
+caption router's labels (a ``cat-tokenize`` manifest), a previous checkpoint can label the
+training set itself: for every image, the largest ratio (fewest tokens) whose reconstruction
+meets a quality bar such as ``lpips<=0.25`` or ``psnr>=26``; images that meet it nowhere get 8x.
+
+``cat-train ratio-labels --vae DIR --source captions.jsonl --split-file split.json --subset train
+--bar 'lpips<=0.25' --out labels.jsonl`` writes ``{"image", "ratio", <metric per ratio>}`` lines
+that ``data.ratio_labels`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from cat_tokenizer.images import center_crop_resize, load_image, pil_to_tensor
+
+from .data import DataConfig, load_training_dataset
+from .model import RATIOS, NestedVAE
+from .perceptual import load_lpips
+
+_BAR = re.compile(r"^\s*(lpips|psnr)\s*(<=|>=)\s*([0-9.]+)\s*$")
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """A per-image quality requirement: ``metric`` compared to ``value`` (``lpips<=0.25``).
+
+    Args:
+        metric: ``"lpips"`` (LPIPS-VGG v0.1, lower is better) or ``"psnr"`` (dB, higher is better).
+        value: the threshold.
+    """
+
+    metric: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> QualityBar:
+        """``"lpips<=0.25"`` or ``"psnr>=26"``; the comparison must point the metric's good way."""
+        match = _BAR.match(text)
+        if not match:
+            raise ValueError(f"quality bar {text!r} must look like 'lpips<=0.25' or 'psnr>=26'")
+        metric, comparison, value = match.groups()
+        if (metric, comparison) not in (("lpips", "<="), ("psnr", ">=")):
+            raise ValueError(f"quality bar {text!r}: use lpips<=X (lower is better) or psnr>=X")
+        return cls(metric, float(value))
+
+    def met(self, value: float) -> bool:
+        compare = operator.le if self.metric == "lpips" else operator.ge
+        return compare(value, self.value)
+
+
+def cheapest_ratio(quality: dict[int, float], bar: QualityBar) -> int:
+    """The largest ratio whose quality meets ``bar`` (the smallest ratio when none does)."""
+    for ratio in sorted(quality, reverse=True):
+        if bar.met(quality[ratio]):
+            return ratio
+    return min(quality)
+
+
+@torch.no_grad()
+def image_quality(vae: NestedVAE, image: torch.Tensor, bar: QualityBar, lpips=None) -> dict[int, float]:
+    """``{ratio: metric}`` of one image ``(3, H, W)`` in [-1, 1] reconstructed at every ratio."""
+    batch = image.unsqueeze(0).to(next(vae.parameters()).dtype)
+    quality = {}
+    for ratio in RATIOS:
+        latent = vae.encode(batch, ratio).latent_dist.mode()
+        rebuilt = vae.decode(latent, ratio, output_size=image.shape[-2:]).sample.float().clamp(-1, 1)
+        if bar.metric == "lpips":
+            quality[ratio] = float(lpips(rebuilt, image.unsqueeze(0)))
+        else:
+            quality[ratio] = float(peak_signal_noise_ratio(rebuilt, image.unsqueeze(0), data_range=2.0))
+    return quality
+
+
+def oracle_labels(vae: NestedVAE, data: DataConfig, bar: QualityBar, size: int = 256) -> list[dict]:
+    """One label record per image of ``data`` (center crops of ``size``), in dataset order."""
+    lpips = load_lpips("vgg") if bar.metric == "lpips" else None
+    vae = vae.eval()
+    records = []
+    for row in load_training_dataset(data):
+        path = row["image"] if isinstance(row["image"], str) else row["image"]["path"]
+        image = pil_to_tensor(center_crop_resize(load_image(path), size))
+        quality = image_quality(vae, image, bar, lpips)
+        records.append(
+            {
+                "image": Path(path).name,
+                "ratio": cheapest_ratio(quality, bar),
+                bar.metric: {str(r): round(v, 5) for r, v in quality.items()},
+            }
+        )
+    return records
+
+
+def main(argv: list[str]) -> int:
+    """``cat-train ratio-labels``: write oracle labels for ``data.ratio_labels``."""
+    from cat_tokenizer.store import write_jsonl  # the project's one atomic writer
+
+    parser = argparse.ArgumentParser(prog="cat-train ratio-labels", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--vae", required=True, help="checkpoint directory or 'default'")
+    parser.add_argument("--source", required=True, help="captions.jsonl / image folder / dataset id")
+    parser.add_argument("--split-file", help="JSON split file (e.g. the devset's split.json)")
+    parser.add_argument("--subset", default="train")
+    parser.add_argument("--bar", required=True, help="quality bar, e.g. 'lpips<=0.25' or 'psnr>=26'")
+    parser.add_argument("--size", type=int, default=256, help="center-crop side (default 256)")
+    parser.add_argument("--out", required=True, help="labels .jsonl to write")
+    args = parser.parse_args(argv)
+    bar = QualityBar.parse(args.bar)
+    data = DataConfig(source=args.source, split_file=args.split_file, subset=args.subset)
+    records = oracle_labels(NestedVAE.from_pretrained(args.vae).float(), data, bar, args.size)
+    write_jsonl(Path(args.out), records)
+    counts = {r: sum(record["ratio"] == r for record in records) for r in RATIOS}
+    print(json.dumps({"images": len(records), "labels_per_ratio": counts, "bar": args.bar}))
+    return 0

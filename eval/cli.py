@@ -24,6 +24,7 @@ import torch
 
 from eval import datasets as eval_datasets
 from eval.engine import EvalSettings, Measurers, default_cache_dir, evaluate_dataset, reconstruct
+from eval.headroom import add_headroom_arguments, cmd_headroom
 from eval.metrics import FIDUnavailableError, load_inception
 from eval.recon import ADAPTIVE, CALIBRATED, FIXED_REFERENCE, build_methods, fixed_name, recon_tables
 from eval.report import (
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--resolutions", type=_int_list, default=[256, 512])
     speed.add_argument("--ratios", type=_int_list, default=[8, 16, 32])
     speed.add_argument("--repeats", type=int, default=3)
+    headroom = commands.add_parser("headroom", help="oracle allocation vs fixed 16x, with baselines")
+    add_headroom_arguments(headroom)
     return parser
 
 
@@ -645,7 +648,13 @@ def cmd_speed(args) -> dict:
     return section
 
 
-COMMANDS = {"recon": cmd_recon, "router": cmd_router, "speed": cmd_speed, "prepare": cmd_prepare}
+COMMANDS = {
+    "recon": cmd_recon,
+    "router": cmd_router,
+    "speed": cmd_speed,
+    "prepare": cmd_prepare,
+    "headroom": cmd_headroom,  # returns its exit code
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,11 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"cat-bench {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ class TrainConfig:
         export_dir: where to ``save_pretrained`` the final model (default ``<output_dir>/export``).
         export_dtype: dtype of the exported weights (``"float32"`` or ``"float16"``).
         cpu_threads: ``torch.set_num_threads`` for CPU runs (``None``: torch's default).
+        channels_last: keep the VAE's weights and inputs in channels-last memory format (NHWC),
+            which oneDNN's CPU convolutions and GPU tensor cores prefer; see eval/bench_train.py
+            for what it buys on a given machine.
         time_limit_minutes: stop early (checkpoint + export as at the end) once the run has
             trained this long; for wall-clock-limited jobs. ``None``: no limit.
     """
@@ -138,6 +141,7 @@ class TrainConfig:
     export_dir: str | None = None
     export_dtype: str = "float32"
     cpu_threads: int | None = None
+    channels_last: bool = False
     time_limit_minutes: float | None = None
 
     def __post_init__(self) -> None:
@@ -428,6 +432,8 @@ class Trainer:
 
         vae = build_vae(config)
         vae.train()
+        if config.channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
         self.loss = VAELoss(config.loss, total_steps=config.max_steps).to(self.device)
         disc = self._build_discriminator()
         opt_g = torch.optim.AdamW(
@@ -542,6 +548,8 @@ class Trainer:
 
     def _forward(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, list[RatioGroup]]:
         reals = batch["pixel_values"]
+        if self.config.channels_last:
+            reals = reals.contiguous(memory_format=torch.channels_last)
         assignment = self.sampler.assign(len(reals), micro_step, batch.get("ratio_label"))
         generator = _step_generator(self.config.seed, micro_step, self.accelerator.process_index, self.device)
         if self.config.ratio_resolution:

@@ -317,8 +317,9 @@ def recon_markdown_table(rows: dict[str, dict]) -> str:
 def headline_table(tables: dict[str, dict[str, dict]], method: str = CALIBRATED) -> str:
     """Per group: fixed 16x vs an adaptive method at (about) the same mean tokens."""
     lines = [
-        f"| group | tokens 16x | tokens {method} | PSNR 16x | PSNR adaptive (Δ) | SSIM 16x | SSIM adaptive | rFID 16x | rFID adaptive (Δ%) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| group | tokens 16x | tokens {method} | PSNR 16x | PSNR adaptive (Δ) | SSIM 16x | SSIM adaptive "
+        "| LPIPS-VGG v0.1 16x | LPIPS-VGG v0.1 adaptive (Δ%) | rFID 16x | rFID adaptive (Δ%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, rows in tables.items():
         if FIXED_REFERENCE not in rows or method not in rows:
@@ -327,6 +328,7 @@ def headline_table(tables: dict[str, dict[str, dict]], method: str = CALIBRATED)
         lines.append(
             f"| {group} | {base['mean_tokens']:.0f} | {row['mean_tokens']:.0f} | {_cell(base, 'psnr', 2)} "
             f"| {_cell(row, 'psnr', 2)}{_change(row, 'psnr')} | {_cell(base, 'ssim')} | {_cell(row, 'ssim')}{_change(row, 'ssim')} "
+            f"| {_cell(base, 'lpips', 4)} | {_cell(row, 'lpips', 4)}{_change(row, 'lpips')} "
             f"| {_cell(base, 'rfid', 2)} | {_cell(row, 'rfid', 2)}{_change(row, 'rfid')} |"
         )
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cat_tokenizer.images import pil_to_tensor
+from cat_foundations.images import pil_to_tensor
 from eval.datasets import EvalSample
 from eval.metrics import DeepFeatureDistance, LPIPSMetric, psnr_per_image, ssim_per_image, to_uint8
 

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from cat_tokenizer.images import pil_to_tensor
+from cat_foundations.images import pil_to_tensor
 
 
 def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:

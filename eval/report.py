@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cat_foundations.atomic import atomic_write_text
 from eval.metrics import format_metric
 from eval.recon import ADAPTIVE, CALIBRATED, FIXED_REFERENCE
 
@@ -112,7 +113,7 @@ def _clean_nan(value):
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(_clean_nan(data), indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(_clean_nan(data), indent=2, default=_json_default) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m ruff check .
+	lint-imports
 	$(PYTHON) -m pytest -q
 
 lint:

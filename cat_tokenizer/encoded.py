@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from cat_foundations.atomic import atomic_write_bytes
 
 FORMAT = "cat-tokenizer-encoded-v1"
 
@@ -101,10 +105,6 @@ class Encoded:
 
     def save(self, path: str | Path) -> None:
         """Write one safetensors file (tensor ``latent`` + metadata), atomically."""
-        from safetensors.torch import save
-
-        from cat_tokenizer.store import atomic_write_bytes
-
         metadata = {"format": FORMAT, "record": json.dumps(self.record())}
         atomic_write_bytes(Path(path), save({"latent": self.latent.detach().cpu().contiguous()}, metadata))
 
@@ -115,8 +115,6 @@ class Encoded:
         Raises:
             ValueError: the file is not an ``Encoded`` safetensors file.
         """
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as handle:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cat_tokenizer.captions import read_captions_jsonl
+from cat_foundations.captions import read_captions_jsonl
 
 
 @dataclass(frozen=True)

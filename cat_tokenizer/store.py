@@ -11,7 +11,7 @@ OUT/
 
 **The shard is the unit of commit.** Each shard holds its images' latents (tensor key = image
 id) *and* their manifest records (in the safetensors metadata), and is written to a temporary
-file and renamed into place (:func:`atomic_write_bytes`). A killed run therefore leaves only
+file, fsynced and renamed into place (:func:`cat_foundations.atomic.atomic_write_bytes`). A killed run therefore leaves only
 complete shards plus, at worst, a ``*.tmp`` file, which the next ``--resume`` deletes. The
 manifest is rebuilt from the shards (:func:`read_shard_records`) when a run finishes, so it can
 never disagree with them; ``--resume`` skips the ids the shards already hold and redoes the
@@ -31,11 +31,20 @@ import json
 import os
 import re
 import signal
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from cat_foundations.atomic import (  # noqa: F401  (re-exported: store.atomic_write_* is what the CLI uses)
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 from cat_tokenizer.encoded import Encoded
 
 SHARD_FORMAT = "cat-tokenizer-shard-v1"
@@ -44,41 +53,8 @@ MANIFEST = "manifest.jsonl"
 ERRORS = "errors.jsonl"
 SUMMARY = "summary.json"
 RUN_INFO = "run.json"
-TMP_SUFFIX = ".tmp"
 KILL_AFTER_SHARDS_ENV = "CAT_TOKENIZER_KILL_AFTER_SHARDS"
 _SHARD_NAME = re.compile(r"^r(\d+)-(\d+)\.safetensors$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part.
-
-    The bytes go to ``<path>.<pid>.tmp`` in the same directory (same filesystem, so the rename is
-    atomic), are fsynced, and the file is renamed over ``path`` with :func:`os.replace`.
-    """
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Write records as JSON lines, atomically."""
-    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file this module wrote (an absent file reads as empty)."""
-    if not Path(path).exists():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def remove_temporary_files(out_dir: Path) -> list[Path]:
@@ -100,8 +76,6 @@ def shard_paths(out_dir: Path) -> list[Path]:
 
 def read_shard_records(out_dir: Path) -> list[dict]:
     """Manifest records of every committed shard (reads only the safetensors headers)."""
-    from safetensors import safe_open
-
     records = []
     for path in shard_paths(out_dir):
         with safe_open(str(path), framework="pt") as handle:
@@ -114,8 +88,6 @@ def read_shard_records(out_dir: Path) -> list[dict]:
 
 def load_latent(out_dir: Path, record: dict) -> Encoded:
     """The :class:`Encoded` of one manifest record (its tensor read from its shard)."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(out_dir) / record["shard"]), framework="pt") as handle:
         latent = handle.get_tensor(record["key"])
     return Encoded.from_record(latent, record)
@@ -157,8 +129,6 @@ class ShardWriter:
         """Commit everything queued as one shard (no-op when nothing is queued)."""
         if not self.pending:
             return
-        from safetensors.torch import save
-
         name = f"{SHARD_DIR}/r{self.rank:02d}-{self.next_sequence:05d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
         records = []

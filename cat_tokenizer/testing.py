@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from nested_vae import NestedVAE, NestedVAEConfig
+
 TINY_VAE_CONFIG = {
     "base_channels": 8,
     "channel_multipliers": (1, 1, 2, 2, 2),
@@ -19,10 +23,6 @@ TINY_VAE_CONFIG = {
 
 def build_tiny_vae(directory: str | Path, seed: int = 0) -> Path:
     """Save a ~0.1 M-parameter random NestedVAE (latent_channels 4) to ``directory``; return it."""
-    import torch
-
-    from nested_vae import NestedVAE, NestedVAEConfig
-
     torch.manual_seed(seed)
     NestedVAE(NestedVAEConfig(**TINY_VAE_CONFIG)).save_pretrained(directory)
     return Path(directory)

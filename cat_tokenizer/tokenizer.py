@@ -10,12 +10,13 @@ img = tok.decode(enc)                                 # PIL image, the encoded s
 
 Images: a path, a PIL image, a numpy ``uint8`` HxWxC array, or a float tensor CxHxW in
 ``[0, 1]`` or ``[-1, 1]`` (a tensor with any negative value is read as ``[-1, 1]``). All go
-through :func:`cat_tokenizer.images.load_image` (EXIF orientation applied, CMYK/16-bit/palette
+through :func:`cat_foundations.images.load_image` (EXIF orientation applied, CMYK/16-bit/palette
 converted, transparency composited on white). Images whose longest side exceeds ``max_side``
 (default 2048) are downscaled with Lanczos first; ``Encoded.original_size`` keeps the size before.
 
-Routing, in order of precedence: ``ratio=`` (source ``"override"``), then the caption scored by
-the router LLM (``"caption_llm"``), then, for a missing or empty caption, the JPEG bits-per-pixel
+Routing, in order of precedence (implemented once, in :meth:`router.RoutingPolicy.decide` and
+:func:`router.routing_score`): ``ratio=`` (source ``"override"``), then the caption scored by the
+router LLM (``"caption_llm"``), then, for a missing or empty caption, the JPEG bits-per-pixel
 fallback (``"image_jpeg_bpp"``).
 
 Encoding is deterministic by default: the latent is the posterior mean. ``sample=True`` draws
@@ -32,20 +33,16 @@ from pathlib import Path
 
 import torch
 
+from cat_foundations.atomic import atomic_write_json
+from cat_foundations.captions import clean_caption
+from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_tokenizer.encoded import Encoded
-from cat_tokenizer.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
+from nested_vae import NestedVAE
+from router import RoutingPolicy, load_scorer
 
 DEFAULT_MAX_SIDE = 2048
 BUNDLE_CONFIG = "cat_tokenizer.json"
 BUNDLE_FORMAT = "cat-tokenizer-bundle-v1"
-
-
-def _clean_caption(caption) -> str | None:
-    if caption is None:
-        return None
-    if not isinstance(caption, str):
-        raise TypeError(f"a caption must be a string or None, got {type(caption).__name__}")
-    return caption.strip() or None
 
 
 class CATTokenizer:
@@ -74,8 +71,6 @@ class CATTokenizer:
         max_side: int | None = DEFAULT_MAX_SIDE,
         router_options: dict | None = None,
     ):
-        from router import RoutingPolicy
-
         self.vae = vae.eval()
         self._scorer = scorer
         self.router_backend = router_backend
@@ -84,7 +79,7 @@ class CATTokenizer:
         self.max_side = max_side
         self._scorer_lock = threading.Lock()
         # Seconds spent routing (caption LLM + image fallback) and in the VAE encoder, summed over
-        # every encode_batch call: the CLI summary and eval/bench_cli.py report them.
+        # every call: the CLI summary and eval/bench_cli.py read them; only this class writes them.
         self.timings = {"router_s": 0.0, "vae_encode_s": 0.0}
 
     # ---- construction ------------------------------------------------------------------------
@@ -120,9 +115,6 @@ class CATTokenizer:
             router_options: extra ``router.load_scorer`` arguments (see the class docstring).
             max_side: see the class docstring.
         """
-        from nested_vae import NestedVAE
-        from router import RoutingPolicy
-
         if path is not None:
             path = Path(path)
             config_path = path / BUNDLE_CONFIG
@@ -173,7 +165,7 @@ class CATTokenizer:
             "router_backend": self.router_backend,
             "max_side": self.max_side,
         }
-        (directory / BUNDLE_CONFIG).write_text(json.dumps(bundle, indent=2) + "\n")
+        atomic_write_json(directory / BUNDLE_CONFIG, bundle)
 
     # ---- router ------------------------------------------------------------------------------
 
@@ -190,21 +182,24 @@ class CATTokenizer:
         if isinstance(self._scorer, (str, Path)):
             with self._scorer_lock:
                 if isinstance(self._scorer, (str, Path)):
-                    from router import load_scorer
-
                     self._scorer = load_scorer(
                         str(self._scorer), backend=self.router_backend, **self.router_options
                     )
         return self._scorer
 
     def score_captions(self, captions: Sequence[str | None]) -> list:
-        """Score every non-empty caption in ONE router call; None where there is no caption/router."""
-        cleaned = [_clean_caption(c) for c in captions]
+        """Score every non-empty caption in ONE router call; None where there is no caption/router.
+
+        The time spent is added to ``timings["router_s"]``.
+        """
+        started = time.perf_counter()
+        cleaned = [clean_caption(c) for c in captions]
         wanted = [i for i, c in enumerate(cleaned) if c is not None]
         scores = [None] * len(cleaned)
         if wanted and self._scorer is not None:
             for index, score in zip(wanted, self.scorer.score([cleaned[i] for i in wanted])):
                 scores[index] = score
+        self.timings["router_s"] += time.perf_counter() - started
         return scores
 
     def route(self, images, captions=None, ratio: int | None = None, scores=None) -> list:
@@ -223,7 +218,10 @@ class CATTokenizer:
             scores = self.score_captions(captions if captions is not None else [None] * len(images))
         if len(scores) != len(images):
             raise ValueError(f"got {len(images)} images but {len(scores)} scores/captions")
-        return [self.policy.decide(score, image=image) for score, image in zip(scores, images)]
+        started = time.perf_counter()  # the image fallback's share of routing time
+        decisions = [self.policy.decide(score, image=image) for score, image in zip(scores, images)]
+        self.timings["router_s"] += time.perf_counter() - started
+        return decisions
 
     # ---- encode ------------------------------------------------------------------------------
 
@@ -262,7 +260,7 @@ class CATTokenizer:
             generator: random generator for ``sample=True``.
 
         Raises:
-            cat_tokenizer.images.ImageLoadError: an image cannot be read (names which).
+            cat_foundations.images.ImageLoadError: an image cannot be read (names which).
         """
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
@@ -271,9 +269,7 @@ class CATTokenizer:
         loaded = [load_image(image) for image in images]
         original_sizes = [(image.height, image.width) for image in loaded]
         # The image fallback sees the full image (it resizes to its own calibrated scale).
-        started = time.perf_counter()
-        decisions = self.route(loaded, captions, ratio, scores)
-        self.timings["router_s"] += time.perf_counter() - started
+        decisions = self.route(loaded, captions, ratio, scores)  # adds its own time to timings["router_s"]
         resized = [limit_max_side(image, self.max_side) for image in loaded]
 
         groups: dict[tuple[int, int, int], list[int]] = {}

@@ -40,6 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from cat_foundations.images import center_crop_resize, load_image
+from nested_vae import NestedVAE
+from nested_vae.model import DEFAULT_WEIGHTS_DIR
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("photo", "face", "chart", "clipart", "text")
 MODES = {"auto": [], "fixed16": ["--ratio", "16"]}
@@ -51,8 +57,6 @@ def default_devset() -> Path:
 
 def prepare_images(devset: Path, count: int, size: int, folder: Path) -> Path:
     """Write ``count`` devset images (equal share per domain) at size x size plus captions.jsonl."""
-    from cat_tokenizer.images import center_crop_resize, load_image
-
     records = [
         json.loads(line)
         for line in (devset / "captions.jsonl").read_text(encoding="utf-8").splitlines()
@@ -73,9 +77,6 @@ def prepare_images(devset: Path, count: int, size: int, folder: Path) -> Path:
 
 def resolve_vae(name: str, folder: Path) -> tuple[str, str]:
     """(VAE argument for the CLI, description). Falls back to a random default-config VAE."""
-    from nested_vae import NestedVAE
-    from nested_vae.model import DEFAULT_WEIGHTS_DIR
-
     if name != "default":
         return name, f"checkpoint {name}"
     if (DEFAULT_WEIGHTS_DIR / "model.safetensors").is_file():
@@ -170,8 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "eval" / "results")
     args = parser.parse_args(argv)
-
-    import torch
 
     with tempfile.TemporaryDirectory(prefix="bench_cli_") as scratch:
         scratch = Path(scratch)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cat_tokenizer.captions import read_captions_jsonl
-from cat_tokenizer.images import center_crop_resize, load_image
+from cat_foundations.captions import read_captions_jsonl
+from cat_foundations.images import center_crop_resize, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

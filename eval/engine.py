@@ -21,6 +21,7 @@ own cache keys, so they survive a model change; caption scores live in the route
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -30,18 +31,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cat_tokenizer.images import pil_to_tensor
+from cat_foundations.atomic import atomic_write_bytes
+from cat_foundations.cache import cache_root
+from cat_foundations.images import pil_to_tensor
+from cat_foundations.ratios import RATIOS
 from eval.datasets import EvalSample
 from eval.metrics import DeepFeatureDistance, LPIPSMetric, psnr_per_image, ssim_per_image, to_uint8
+from router import image_complexity_score, routing_score
+from router.fallback import jpeg_bits_per_pixel
 
 CACHE_FORMAT = "cat-bench-cache-v1"
 
 
 def default_cache_dir() -> Path:
-    """``$CAT_BENCH_CACHE`` or ``~/.cache/cat-tokenizer/bench``."""
+    """``$CAT_BENCH_CACHE``, else ``bench/`` under the one cache root (:func:`cat_foundations.cache.cache_root`)."""
     if os.environ.get("CAT_BENCH_CACHE"):
         return Path(os.environ["CAT_BENCH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cat-tokenizer" / "bench"
+    return cache_root() / "bench"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -81,10 +87,9 @@ class ResultCache:
         return data if data.get("id") == item_id and data.get("format") == CACHE_FORMAT else None
 
     def put(self, item_id: str, data: dict) -> None:
-        path = self.path(item_id)
-        temporary = path.with_suffix(".tmp")
-        torch.save({**data, "id": item_id, "format": CACHE_FORMAT}, temporary)
-        temporary.replace(path)
+        buffer = io.BytesIO()
+        torch.save({**data, "id": item_id, "format": CACHE_FORMAT}, buffer)
+        atomic_write_bytes(self.path(item_id), buffer.getvalue())
 
 
 @dataclass
@@ -109,8 +114,8 @@ class ImageResult:
     caption_score: dict | None = None
 
     def router_score(self) -> float:
-        """The score routing uses: the caption LLM's when there is a caption, else the JPEG score."""
-        return self.caption_score["score"] if self.caption_score else self.jpeg_score
+        """The score routing uses (:func:`router.routing_score`): the caption LLM's, else the JPEG score."""
+        return routing_score(self.caption_score["score"] if self.caption_score else None, image_score=self.jpeg_score)
 
 
 @dataclass
@@ -128,7 +133,7 @@ class EvalSettings:
     """
 
     size: int = 256
-    ratios: tuple[int, ...] = (8, 16, 32)
+    ratios: tuple[int, ...] = RATIOS
     batch_size: int = 8
     device: str = "cpu"
     fid: bool = True
@@ -224,36 +229,18 @@ def evaluate_dataset(
     Returns:
         (results in sample order, {domain: [(id, PIL image), ...]} kept images).
     """
-    from router import image_complexity_score
-    from router.fallback import jpeg_bits_per_pixel
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if vae is None and settings.ratios:
         raise ValueError("evaluate_dataset needs a VAE unless settings.ratios is empty")
-    fid_tag = "fid" if measurers.inception is not None else "nofid"
-    metric_tag = (
-        f"e{int(measurers.effnet is not None)}l{int(bool(measurers.lpips and measurers.lpips.available))}"
-    )
-    model_key = model_fingerprint(vae)[:16] if vae is not None else "none"
-    model_cache = ResultCache(root, f"recon-{model_key}-s{settings.size}-{fid_tag}-{metric_tag}")
-    original_cache = ResultCache(root, f"original-s{settings.size}-{fid_tag}")
-
+    model_cache, original_cache = _caches(root, vae, settings, measurers)
     results: list[ImageResult] = []
     kept: dict[str, list] = {}
     bar = tqdm(total=total, desc="images", unit="img", disable=not progress)
     for batch in _batches(samples, settings.batch_size):
-        cached_recon = [model_cache.get(s.id) for s in batch]
-        # An entry from a run with fewer ratios is recomputed rather than mixed.
-        cached_recon = [r if r and set(settings.ratios) <= set(r["metrics"]) else None for r in cached_recon]
-        if not settings.ratios:
-            cached_recon = [{"metrics": {}, "features": {}} for _ in batch]
-        cached_original = [original_cache.get(s.id) for s in batch]
+        cached_recon, cached_original = _lookup(batch, settings, model_cache, original_cache)
         if cached_only:
-            keep = [r is not None and o is not None for r, o in zip(cached_recon, cached_original)]
             bar.update(len(batch))
-            batch = [item for item, k in zip(batch, keep) if k]
-            cached_recon = [item for item, k in zip(cached_recon, keep) if k]
-            cached_original = [item for item, k in zip(cached_original, keep) if k]
+            batch, cached_recon, cached_original = _only_cached(batch, cached_recon, cached_original)
             if not batch:
                 continue
         wanted_kept = [len(kept.get(s.domain, [])) < keep_images_per_domain for s in batch]
@@ -264,59 +251,101 @@ def evaluate_dataset(
         for sample, keep in zip(batch, wanted_kept):
             if keep:
                 kept.setdefault(sample.domain, []).append((sample.id, images[sample.id]))
-
-        # Model-independent: JPEG score and original Inception features.
-        todo = [i for i, o in enumerate(cached_original) if o is None]
-        if todo:
-            tensors = torch.stack([pil_to_tensor(images[batch[i].id]) for i in todo]).to(settings.device)
-            features = measurers.features(tensors)
-            for row, i in enumerate(todo):
-                image = images[batch[i].id]
-                entry = {
-                    "jpeg_bpp": jpeg_bits_per_pixel(image),
-                    "jpeg_score": image_complexity_score(image).score,
-                    "features": features[row].clone() if features is not None else None,
-                }
-                original_cache.put(batch[i].id, entry)
-                cached_original[i] = entry
-
-        # Model-dependent: reconstructions at every ratio.
-        todo = [i for i, r in enumerate(cached_recon) if r is None]
-        if todo:
-            tensors = torch.stack([pil_to_tensor(images[batch[i].id]) for i in todo]).to(settings.device)
-            per_image = [{"metrics": {}, "features": {}} for _ in todo]
-            for ratio in settings.ratios:
-                recon = reconstruct(vae, tensors, ratio)
-                compared = measurers.compare(recon, tensors)
-                features = measurers.features(recon)
-                for row in range(len(todo)):
-                    per_image[row]["metrics"][ratio] = compared[row]
-                    if features is not None:
-                        per_image[row]["features"][ratio] = features[row].clone()
-            for row, i in enumerate(todo):
-                model_cache.put(batch[i].id, per_image[row])
-                cached_recon[i] = per_image[row]
-
-        captioned = [s.caption for s in batch if s.caption]
-        scored = scorer.score(captioned) if scorer is not None and captioned else []
-        caption_scores = iter(score.to_dict() for score in scored)
-        for sample, recon, original in zip(batch, cached_recon, cached_original):
-            features = dict(recon["features"])
-            if original["features"] is not None:
-                features["original"] = original["features"]
-            results.append(
-                ImageResult(
-                    id=sample.id,
-                    domain=sample.domain,
-                    caption=sample.caption,
-                    metrics={int(r): m for r, m in recon["metrics"].items()},
-                    features=features,
-                    jpeg_bpp=float(original["jpeg_bpp"]),
-                    jpeg_score=float(original["jpeg_score"]),
-                    caption_score=next(caption_scores) if (sample.caption and scorer is not None) else None,
-                )
-            )
+        _fill_originals(batch, images, cached_original, measurers, settings, original_cache)
+        _fill_reconstructions(batch, images, cached_recon, vae, measurers, settings, model_cache)
+        results += _image_results(batch, cached_recon, cached_original, scorer)
         if not cached_only:
             bar.update(len(batch))
     bar.close()
     return results, kept
+
+
+def _caches(root: Path, vae, settings: EvalSettings, measurers: Measurers) -> tuple[ResultCache, ResultCache]:
+    """(model-dependent cache, model-independent cache), keyed by what their entries depend on."""
+    fid_tag = "fid" if measurers.inception is not None else "nofid"
+    metric_tag = (
+        f"e{int(measurers.effnet is not None)}l{int(bool(measurers.lpips and measurers.lpips.available))}"
+    )
+    model_key = model_fingerprint(vae)[:16] if vae is not None else "none"
+    model_cache = ResultCache(root, f"recon-{model_key}-s{settings.size}-{fid_tag}-{metric_tag}")
+    original_cache = ResultCache(root, f"original-s{settings.size}-{fid_tag}")
+    return model_cache, original_cache
+
+
+def _lookup(batch, settings: EvalSettings, model_cache: ResultCache, original_cache: ResultCache):
+    """Cached entries of a batch (None where missing): (reconstructions, originals)."""
+    cached_recon = [model_cache.get(s.id) for s in batch]
+    # An entry from a run with fewer ratios is recomputed rather than mixed.
+    cached_recon = [r if r and set(settings.ratios) <= set(r["metrics"]) else None for r in cached_recon]
+    if not settings.ratios:
+        cached_recon = [{"metrics": {}, "features": {}} for _ in batch]
+    return cached_recon, [original_cache.get(s.id) for s in batch]
+
+
+def _only_cached(batch, cached_recon, cached_original):
+    """The items of a batch whose results are all cached (``cached_only``)."""
+    keep = [r is not None and o is not None for r, o in zip(cached_recon, cached_original)]
+    return tuple([item for item, k in zip(column, keep) if k] for column in (batch, cached_recon, cached_original))
+
+
+def _fill_originals(batch, images, cached_original, measurers, settings, original_cache) -> None:
+    """Model-independent: JPEG score and original Inception features of the uncached items."""
+    todo = [i for i, o in enumerate(cached_original) if o is None]
+    if not todo:
+        return
+    tensors = torch.stack([pil_to_tensor(images[batch[i].id]) for i in todo]).to(settings.device)
+    features = measurers.features(tensors)
+    for row, i in enumerate(todo):
+        image = images[batch[i].id]
+        entry = {
+            "jpeg_bpp": jpeg_bits_per_pixel(image),
+            "jpeg_score": image_complexity_score(image).score,
+            "features": features[row].clone() if features is not None else None,
+        }
+        original_cache.put(batch[i].id, entry)
+        cached_original[i] = entry
+
+
+def _fill_reconstructions(batch, images, cached_recon, vae, measurers, settings, model_cache) -> None:
+    """Model-dependent: reconstructions at every ratio, their metrics and features."""
+    todo = [i for i, r in enumerate(cached_recon) if r is None]
+    if not todo:
+        return
+    tensors = torch.stack([pil_to_tensor(images[batch[i].id]) for i in todo]).to(settings.device)
+    per_image = [{"metrics": {}, "features": {}} for _ in todo]
+    for ratio in settings.ratios:
+        recon = reconstruct(vae, tensors, ratio)
+        compared = measurers.compare(recon, tensors)
+        features = measurers.features(recon)
+        for row in range(len(todo)):
+            per_image[row]["metrics"][ratio] = compared[row]
+            if features is not None:
+                per_image[row]["features"][ratio] = features[row].clone()
+    for row, i in enumerate(todo):
+        model_cache.put(batch[i].id, per_image[row])
+        cached_recon[i] = per_image[row]
+
+
+def _image_results(batch, cached_recon, cached_original, scorer) -> list[ImageResult]:
+    """Assemble a batch's :class:`ImageResult` s (caption scores in one router call)."""
+    captioned = [s.caption for s in batch if s.caption]
+    scored = scorer.score(captioned) if scorer is not None and captioned else []
+    caption_scores = iter(score.to_dict() for score in scored)
+    results = []
+    for sample, recon, original in zip(batch, cached_recon, cached_original):
+        features = dict(recon["features"])
+        if original["features"] is not None:
+            features["original"] = original["features"]
+        results.append(
+            ImageResult(
+                id=sample.id,
+                domain=sample.domain,
+                caption=sample.caption,
+                metrics={int(r): m for r, m in recon["metrics"].items()},
+                features=features,
+                jpeg_bpp=float(original["jpeg_bpp"]),
+                jpeg_score=float(original["jpeg_score"]),
+                caption_score=next(caption_scores) if (sample.caption and scorer is not None) else None,
+            )
+        )
+    return results

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cat_foundations.ratios import tokens_for
 from eval.engine import ImageResult
 from eval.metrics import UNAVAILABLE, fid_from_features
+from router import RoutingPolicy
 
 FIXED_REFERENCE = "fixed-16x"
 ADAPTIVE = "adaptive"
@@ -60,8 +62,6 @@ def build_methods(results: Sequence[ImageResult], fixed: Sequence[int], adaptive
         policy: the :class:`~router.RoutingPolicy` for ``adaptive``.
         size: image side (tokens are counted at this size).
     """
-    from router import RoutingPolicy, tokens_for
-
     methods = [Method(fixed_name(r), [r] * len(results)) for r in fixed]
     calibrated = None
     if adaptive:
@@ -87,8 +87,6 @@ def summarize(
     results: Sequence[ImageResult], ratios: Sequence[int], size: int, lpips_available: bool
 ) -> dict:
     """Metrics of one method on one group of images (``ratios[i]`` is image i's ratio)."""
-    from router import tokens_for
-
     chosen = [r.metrics[ratio] for r, ratio in zip(results, ratios)]
     has_features = all("original" in r.features and ratio in r.features for r, ratio in zip(results, ratios))
     rfid = (
@@ -164,8 +162,6 @@ def recon_tables(
 
     With ``policy`` (the adaptive run's), each group also gets :data:`GROUP_CALIBRATED`.
     """
-    from router import RoutingPolicy, tokens_for
-
     tables: dict[str, dict[str, dict]] = {}
     for group, indices in groups_of(results, subsets).items():
         group_results = [results[i] for i in indices]

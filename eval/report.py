@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cat_foundations.atomic import atomic_write_text
+from cat_foundations.ratios import RATIOS
 from eval.metrics import format_metric
 from eval.recon import ADAPTIVE, CALIBRATED, FIXED_REFERENCE
 
@@ -112,7 +114,7 @@ def _clean_nan(value):
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(_clean_nan(data), indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(_clean_nan(data), indent=2, default=_json_default) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +307,7 @@ def recon_markdown_table(rows: dict[str, dict]) -> str:
     ]
     for name, row in rows.items():
         counts = row.get("ratio_counts", {})
-        mix = "/".join(str(counts.get(str(r), 0)) for r in (8, 16, 32))
+        mix = "/".join(str(counts.get(str(r), 0)) for r in RATIOS)
         lines.append(
             f"| {name} | {row['n']} | {row['mean_tokens']:.1f} | {_cell(row, 'rfid', 2)}{_change(row, 'rfid')} "
             f"| {_cell(row, 'psnr', 2)}{_change(row, 'psnr')} | {_cell(row, 'ssim')}{_change(row, 'ssim')} "

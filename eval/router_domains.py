@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from cat_foundations.cache import find_cached
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "devset" / "captions.jsonl"
 DEFAULT_SPLIT = REPO / "nested_vae" / "weights" / "default" / "split.json"
-DEFAULT_CACHE = Path(os.environ.get("CAT_TOKENIZER_CACHE", Path.home() / ".cache" / "cat_tokenizer")) / (
-    "router-scores.sqlite"
-)
+DEFAULT_CACHE = find_cached("router-scores.sqlite", Path.is_file)
 RESULTS = REPO / "eval" / "results"
 
 SENSITIVE = ("chart", "text", "face")

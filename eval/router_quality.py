@@ -26,7 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
+from cat_foundations.ratios import RATIOS, tokens_for
 from eval.engine import ImageResult
+from router import RoutingPolicy
 
 RATIOS_COARSE_FIRST = (32, 16, 8)
 
@@ -61,8 +63,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
 
 def routing_scores(predicted: Sequence[int], oracle: Sequence[int], size: int) -> dict:
     """Exact agreement, too-coarse and too-fine rates, and mean tokens of a routing."""
-    from router import tokens_for
-
     predicted, oracle = np.asarray(predicted), np.asarray(oracle)
     return {
         "accuracy": float(np.mean(predicted == oracle)),
@@ -73,31 +73,8 @@ def routing_scores(predicted: Sequence[int], oracle: Sequence[int], size: int) -
     }
 
 
-def router_quality(
-    results: Sequence[ImageResult],
-    policy,
-    size: int,
-    bar_db: float = 1.0,
-    bar_psnr: float | None = None,
-    heldout_ids: set[str] | None = None,
-    seed: int = 0,
-) -> dict:
-    """The router report (see the module docstring) as a JSON-ready dict, plus per-image rows."""
-    from router import RoutingPolicy
-
-    rng = np.random.default_rng(seed)
-    difficulty = [oracle_difficulty(r) for r in results]
-    difficulty_effnet = [oracle_difficulty(r, "effnet_dist") for r in results]
-    oracle = [oracle_ratio(r, bar_db, bar_psnr) for r in results]
-    llm = [r.caption_score["score"] if r.caption_score else math.nan for r in results]
-    rating = [r.caption_score["rating"] if r.caption_score else math.nan for r in results]
-    predictors = {
-        "caption_llm_score": llm,
-        "caption_llm_rating": rating,
-        "jpeg_bpp": [r.jpeg_bpp for r in results],
-        "random": rng.uniform(1, 9, len(results)).tolist(),
-    }
-
+def _correlations(results: Sequence[ImageResult], predictors: dict, difficulty, difficulty_effnet) -> dict:
+    """Spearman of every predictor with the oracle difficulty: overall and per domain."""
     correlations = {"all": {}}
     for name, values in predictors.items():
         correlations["all"][name] = {
@@ -110,7 +87,26 @@ def router_quality(
             name: {"vs_psnr_drop": spearman([values[i] for i in idx], [difficulty[i] for i in idx])}
             for name, values in predictors.items()
         }
+    return correlations
 
+
+def _oracle_fitted(results, name: str, scores, oracle, size: int, heldout_ids, routing: dict) -> dict:
+    """Thresholds fitted to the oracle (in-sample, and train -> held-out when a split is given)."""
+    fit = RoutingPolicy.calibrate(scores, oracle_ratios=oracle)
+    routing[f"{name} (oracle-fitted, in-sample)"] = routing_scores([fit.route(s) for s in scores], oracle, size)
+    if heldout_ids:
+        train = [i for i, r in enumerate(results) if r.id not in heldout_ids]
+        test = [i for i, r in enumerate(results) if r.id in heldout_ids]
+        if train and test:
+            held = RoutingPolicy.calibrate([scores[i] for i in train], oracle_ratios=[oracle[i] for i in train])
+            routing[f"{name} (oracle-fitted on train, held-out split)"] = routing_scores(
+                [held.route(scores[i]) for i in test], [oracle[i] for i in test], size
+            )
+    return {"low": fit.low, "high": fit.high}
+
+
+def _routing(results, policy, oracle, size: int, heldout_ids, rng) -> tuple[dict, dict, list, list]:
+    """Routing accuracy rows, oracle-fitted thresholds, the routing scores and the routed ratios."""
     # Routing: images with a caption score use it; the rest fall back to the JPEG score, as in use.
     route_scores = [r.router_score() for r in results]
     jpeg_scores = [r.jpeg_score for r in results]
@@ -120,28 +116,41 @@ def router_quality(
         "jpeg_bpp (given policy)": routing_scores([policy.route(s) for s in jpeg_scores], oracle, size),
         "random (router's ratio mix)": routing_scores(rng.permutation(routed).tolist(), oracle, size),
     }
-    best_fixed = max((8, 16, 32), key=lambda r: sum(o == r for o in oracle))
+    best_fixed = max(RATIOS, key=lambda r: sum(o == r for o in oracle))
     routing[f"fixed-{best_fixed}x (most common oracle ratio)"] = routing_scores(
         [best_fixed] * len(oracle), oracle, size
     )
-    fitted = {}
-    for name, scores in (("router", route_scores), ("jpeg_bpp", jpeg_scores)):
-        fit = RoutingPolicy.calibrate(scores, oracle_ratios=oracle)
-        fitted[name] = {"low": fit.low, "high": fit.high}
-        routing[f"{name} (oracle-fitted, in-sample)"] = routing_scores(
-            [fit.route(s) for s in scores], oracle, size
-        )
-        if heldout_ids:
-            train = [i for i, r in enumerate(results) if r.id not in heldout_ids]
-            test = [i for i, r in enumerate(results) if r.id in heldout_ids]
-            if train and test:
-                fit = RoutingPolicy.calibrate(
-                    [scores[i] for i in train], oracle_ratios=[oracle[i] for i in train]
-                )
-                routing[f"{name} (oracle-fitted on train, held-out split)"] = routing_scores(
-                    [fit.route(scores[i]) for i in test], [oracle[i] for i in test], size
-                )
+    fitted = {
+        name: _oracle_fitted(results, name, scores, oracle, size, heldout_ids, routing)
+        for name, scores in (("router", route_scores), ("jpeg_bpp", jpeg_scores))
+    }
+    return routing, fitted, route_scores, routed
 
+
+def router_quality(
+    results: Sequence[ImageResult],
+    policy,
+    size: int,
+    bar_db: float = 1.0,
+    bar_psnr: float | None = None,
+    heldout_ids: set[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """The router report (see the module docstring) as a JSON-ready dict, plus per-image rows."""
+    rng = np.random.default_rng(seed)
+    difficulty = [oracle_difficulty(r) for r in results]
+    difficulty_effnet = [oracle_difficulty(r, "effnet_dist") for r in results]
+    oracle = [oracle_ratio(r, bar_db, bar_psnr) for r in results]
+    llm = [r.caption_score["score"] if r.caption_score else math.nan for r in results]
+    rating = [r.caption_score["rating"] if r.caption_score else math.nan for r in results]
+    predictors = {
+        "caption_llm_score": llm,
+        "caption_llm_rating": rating,
+        "jpeg_bpp": [r.jpeg_bpp for r in results],
+        "random": rng.uniform(1, 9, len(results)).tolist(),
+    }
+    correlations = _correlations(results, predictors, difficulty, difficulty_effnet)
+    routing, fitted, route_scores, routed = _routing(results, policy, oracle, size, heldout_ids, rng)
     per_image = [
         {
             "id": r.id,
@@ -158,7 +167,7 @@ def router_quality(
             results, difficulty, difficulty_effnet, oracle, route_scores, llm, routed
         )
     ]
-    counts = {str(r): int(sum(o == r for o in oracle)) for r in (8, 16, 32)}
+    counts = {str(r): int(sum(o == r for o in oracle)) for r in RATIOS}
     return {
         "quality_bar": {"psnr_within_db_of_8x": bar_db}
         if bar_psnr is None

@@ -18,7 +18,8 @@ from functools import partial
 
 import torch
 
-from cat_tokenizer.images import pil_to_tensor
+from cat_foundations.images import pil_to_tensor
+from router import RoutingPolicy, image_complexity_score
 
 
 def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -66,8 +67,6 @@ def speed_rows(
     device: str = "cpu",
 ) -> list[dict]:
     """Timing rows: ``{"component", "ratio", "resolution", "batch", "seconds", "images_per_s"}``."""
-    from router import RoutingPolicy, image_complexity_score
-
     policy = policy or RoutingPolicy()
     captions = [s.caption for s in samples]
     batch = len(samples)

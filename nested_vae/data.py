@@ -25,8 +25,9 @@ import datasets
 import torch
 from PIL import Image
 
-from cat_tokenizer.captions import read_captions_jsonl
-from cat_tokenizer.images import load_image, pil_to_tensor
+from cat_foundations.captions import read_captions_jsonl
+from cat_foundations.images import load_image, pil_to_tensor
+from cat_foundations.ratios import RATIOS
 
 NO_RATIO_LABEL = 0  # label value for a sample without a router label
 
@@ -95,7 +96,7 @@ def dataset_from_captions_jsonl(path: str | Path) -> datasets.Dataset:
     images, captions, ratios = [], [], []
     for entry in parsed.entries:
         label = entry.extra.get("ratio", NO_RATIO_LABEL)
-        if label not in (NO_RATIO_LABEL, 8, 16, 32):
+        if label not in (NO_RATIO_LABEL, *RATIOS):
             raise ValueError(f"{path}:{entry.line}: 'ratio' must be 8, 16 or 32, got {label!r}")
         images.append(str(path.parent / entry.image))
         captions.append(entry.caption or "")
@@ -225,7 +226,7 @@ def _sample(row: dict, config: DataConfig, seed: int, epoch: int, position: int)
     ratio = row.get("ratio", NO_RATIO_LABEL)
     return {
         "pixel_values": pil_to_tensor(crop),
-        "ratio_label": torch.tensor(int(ratio) if ratio in (8, 16, 32) else NO_RATIO_LABEL),
+        "ratio_label": torch.tensor(int(ratio) if ratio in RATIOS else NO_RATIO_LABEL),
     }
 
 

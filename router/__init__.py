@@ -11,7 +11,8 @@ Importing this package is light: transformers, torch and vLLM load only when a s
 from __future__ import annotations
 
 from router.fallback import JpegBppCalibration, image_complexity_score
-from router.policy import RoutingDecision, RoutingPolicy, tokens_for
+from router.loading import load_scorer as _load_scorer
+from router.policy import RoutingDecision, RoutingPolicy, routing_score, tokens_for
 from router.scores import PROMPT_VERSION, CombinationRule, ComplexityScore, ComplexityScorer
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RoutingPolicy",
     "image_complexity_score",
     "load_scorer",
+    "routing_score",
     "tokens_for",
 ]
 
@@ -36,6 +38,4 @@ def load_scorer(model: str = "default", backend: str = "transformers", **kwargs)
         backend: "transformers" (default, CPU-friendly) or "vllm" (GPU / large datasets).
         **kwargs: passed to the backend (dtype, batch_size, cache_path, rule, ...).
     """
-    from router.loading import load_scorer as _load_scorer
-
     return _load_scorer(model, backend=backend, **kwargs)

@@ -6,27 +6,32 @@
 
 ``score`` prints the mean score per ``domain`` (when the captions file has that key) and the
 ratio counts under the default (or ``--policy``) thresholds.
+
+Exit codes (:mod:`cat_foundations.cli`): 0 done; 2 scored, but some captions lines were rejected
+(listed on stderr); 1 fatal (bad arguments or ``--policy``, missing model wheels, nothing to score).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from cat_foundations.atomic import write_jsonl
+from cat_foundations.captions import read_captions_jsonl
+from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL, FatalError, OneLineParser, run_cli
+from cat_foundations.ratios import RATIOS
+from router import RoutingPolicy, load_scorer
+from router.default_model import DefaultModelMissing, prepare_default_model
+
 
 def _prepare(args) -> int:
-    from router.default_model import DefaultModelMissing, prepare_default_model
-
     try:
         path = prepare_default_model(args.cache_dir, force=args.force)
     except DefaultModelMissing as error:
-        print(f"cat-router: {error}", file=sys.stderr)
-        return 2
+        raise FatalError(str(error)) from None
     print(path)
-    return 0
+    return EXIT_OK
 
 
 def domain_means(domains: list[str], values: list[float]) -> dict[str, tuple[int, float]]:
@@ -37,31 +42,44 @@ def domain_means(domains: list[str], values: list[float]) -> dict[str, tuple[int
     return {domain: (len(v), sum(v) / len(v)) for domain, v in groups.items()}
 
 
-def _score(args) -> int:
-    from cat_tokenizer.captions import read_captions_jsonl
-    from router import RoutingPolicy, load_scorer
+def _load_policy(path: Path | None) -> RoutingPolicy:
+    try:
+        return RoutingPolicy.load(path) if path else RoutingPolicy()
+    except ValueError as error:
+        raise FatalError(f"--policy: {error}") from None
 
-    captions_file = read_captions_jsonl(args.captions)
+
+def _score(args) -> int:
+    try:
+        captions_file = read_captions_jsonl(args.captions)
+    except OSError as error:
+        raise FatalError(f"cannot read --captions {args.captions}: {error.strerror or error}") from None
+    policy = _load_policy(args.policy)  # before the model loads: a bad file fails fast
     for error in captions_file.errors:
         print(f"cat-router: skipped {error}", file=sys.stderr)
-    entries = [e for e in captions_file.entries if e.caption and e.caption.strip()]
+    entries = [e for e in captions_file.entries if e.caption]
     skipped = len(captions_file.entries) - len(entries)
     if skipped:
         print(f"cat-router: {skipped} entries have no caption (the image fallback scores those)", file=sys.stderr)
     if not entries:
-        print(f"cat-router: {args.captions}: no captions to score", file=sys.stderr)
-        return 2
+        raise FatalError(f"{args.captions}: no captions to score")
     kwargs = {"batch_size": args.batch_size} if args.backend == "transformers" else {}
     scorer = load_scorer(args.model, backend=args.backend, cache_path=args.cache, **kwargs)
     scores = scorer.score([e.caption for e in entries])
-    policy = RoutingPolicy.load(args.policy) if args.policy else RoutingPolicy()
 
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
-            for entry, score in zip(entries, scores):
-                record = {"image": entry.image, "caption": entry.caption, **score.to_dict(), "ratio": policy.route(score)}
-                out.write(json.dumps(record) + "\n")
+        write_jsonl(
+            args.out,
+            (
+                {"image": e.image, "caption": e.caption, **score.to_dict(), "ratio": policy.route(score)}
+                for e, score in zip(entries, scores)
+            ),
+        )
+    _print_table(entries, scores, policy)
+    return EXIT_PARTIAL if captions_file.errors else EXIT_OK
 
+
+def _print_table(entries, scores, policy: RoutingPolicy) -> None:
     domains = [str(e.extra.get("domain", "all")) for e in entries]
     print(f"{'domain':<10} {'n':>4} {'score':>6} {'rating':>6} {'text':>5} {'faces':>5} {'charts':>6}")
     for domain, (count, mean_score) in domain_means(domains, [s.score for s in scores]).items():
@@ -73,12 +91,11 @@ def _score(args) -> int:
             f"{mean([s.flags['charts'] for s in members]):>6.2f}"
         )
     ratios = [policy.route(s) for s in scores]
-    print("ratios: " + ", ".join(f"{r}x: {ratios.count(r)}" for r in (8, 16, 32)))
-    return 0
+    print("ratios: " + ", ".join(f"{r}x: {ratios.count(r)}" for r in RATIOS))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cat-router", description=__doc__.split("\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="cat-router", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="assemble, verify and convert the default router model")
     prepare.add_argument("--cache-dir", type=Path, default=None, help="where to put the converted model")
@@ -94,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "prepare":
-        return _prepare(args)
-    return _score(args)
+    return _prepare(args) if args.command == "prepare" else _score(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cat-router``; returns the exit code (0 done, 2 some captions lines rejected, 1 fatal)."""
+    return run_cli("cat-router", lambda: _run(argv))
 
 
 if __name__ == "__main__":

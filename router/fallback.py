@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from cat_foundations.images import load_image
 from router.scores import SOURCE_IMAGE_JPEG_BPP, ComplexityScore
 
 
@@ -55,8 +56,6 @@ def _as_rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     # Paths, arrays and tensors go through the project's one image loader (EXIF, CMYK, alpha...).
-    from cat_tokenizer.images import load_image
-
     return load_image(image)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from router.cache import CachedScorer
+from router.default_model import prepare_default_model
 from router.scores import ComplexityScorer
 
 BACKENDS = ("transformers", "vllm")
@@ -13,8 +15,6 @@ DEFAULT_MODEL_ID = "default:qwen2.5-coder-0.5b-instruct"
 def resolve_model(model: str | Path, cache_dir: str | Path | None = None) -> tuple[str, str]:
     """(path or HF id to load, model id for caches). "default" is converted on first use."""
     if str(model) == "default":
-        from router.default_model import prepare_default_model
-
         return str(prepare_default_model(cache_dir)), DEFAULT_MODEL_ID
     return str(model), str(model)
 
@@ -41,6 +41,7 @@ def load_scorer(
         raise ValueError(f"unknown router backend {backend!r}; choose one of {BACKENDS}")
     path, model_id = resolve_model(model, model_cache_dir)
     kwargs.setdefault("model_id", model_id)
+    # The backends are imported lazily: they import torch (and vLLM), which ``import router`` must not.
     if backend == "transformers":
         from router.transformers_backend import TransformersScorer
 
@@ -50,7 +51,5 @@ def load_scorer(
 
         scorer = VLLMScorer(path, **kwargs)
     if cache_path is not None:
-        from router.cache import CachedScorer
-
         scorer = CachedScorer(scorer, cache_path)
     return scorer

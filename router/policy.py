@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cat_foundations.atomic import atomic_write_json
+from cat_foundations.ratios import RATIOS, tokens_for
+from router.fallback import image_complexity_score
 from router.scores import ComplexityScore
 
-RATIOS = (8, 16, 32)
+__all__ = ["RATIOS", "SOURCE_OVERRIDE", "RoutingDecision", "RoutingPolicy", "routing_score", "tokens_for"]
 SOURCE_OVERRIDE = "override"
 
 
@@ -44,12 +47,22 @@ class RoutingDecision:
     complexity: ComplexityScore | None = None
 
 
-def tokens_for(ratio: int, image_size: int | tuple[int, int]) -> int:
-    """Latent tokens of an image at ``ratio``: (Hp / r) * (Wp / r), Hp/Wp padded to multiples of 32."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    padded_h = math.ceil(height / 32) * 32
-    padded_w = math.ceil(width / 32) * 32
-    return (padded_h // ratio) * (padded_w // ratio)
+def routing_score(caption_score, image=None, *, image_score=None):
+    """The score routing uses, in the ONE order of precedence (after an explicit ratio override).
+
+    The caption's score when there is one, else the image-only fallback: ``image_score`` when
+    already computed, else :func:`~router.fallback.image_complexity_score` of ``image`` (a PIL
+    image, anything ``load_image`` reads, or a zero-argument callable returning one, so the
+    pixels are loaded only when the fallback is needed). ``RoutingPolicy.decide``, ``cat-tokenize``
+    calibration and ``eval`` all route through here.
+    """
+    if caption_score is not None:
+        return caption_score
+    if image_score is not None:
+        return image_score
+    if image is None:
+        raise ValueError("routing needs a caption score, an image for the fallback, or an override ratio")
+    return image_complexity_score(image() if callable(image) else image)
 
 
 def _score_values(scores: Sequence[ComplexityScore | float]) -> np.ndarray:
@@ -96,7 +109,7 @@ class RoutingPolicy:
 
         Args:
             score: the caption's score, or None when the image has no caption.
-            image: PIL image (or anything ``cat_tokenizer.images.load_image`` reads), used for the
+            image: PIL image (or anything ``cat_foundations.images.load_image`` reads), used for the
                 JPEG bits-per-pixel fallback when ``score`` is None.
             override_ratio: force this ratio (8, 16 or 32).
         """
@@ -104,12 +117,9 @@ class RoutingPolicy:
             if override_ratio not in RATIOS:
                 raise ValueError(f"override_ratio must be one of {RATIOS}, got {override_ratio!r}")
             return RoutingDecision(ratio=int(override_ratio), score=None, source=SOURCE_OVERRIDE)
-        if score is None:
-            if image is None:
-                raise ValueError("decide() needs a caption score, an image for the fallback, or override_ratio")
-            from router.fallback import image_complexity_score
-
-            score = image_complexity_score(image)
+        if score is None and image is None:
+            raise ValueError("decide() needs a caption score, an image for the fallback, or override_ratio")
+        score = routing_score(score, image)
         if isinstance(score, ComplexityScore):
             return RoutingDecision(self.route(score), score.score, score.source, complexity=score)
         return RoutingDecision(self.route(score), float(score), "given")
@@ -211,8 +221,8 @@ class RoutingPolicy:
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the thresholds as JSON."""
-        Path(path).write_text(json.dumps({"format": "cat-router-policy-v1", **asdict(self)}, indent=2) + "\n")
+        """Write the thresholds as JSON (atomically)."""
+        atomic_write_json(Path(path), {"format": "cat-router-policy-v1", **asdict(self)})
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingPolicy:

@@ -27,6 +27,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cat_foundations.captions import clean_caption
+
 # Bump whenever INSTRUCTION, QUERIES, ANSWERS, FEW_SHOT or the layout changes: cached scores are
 # keyed by it.
 PROMPT_VERSION = "cat-router-v2"
@@ -236,13 +238,6 @@ def expected_rating(distribution: Sequence[float]) -> float:
     return float(sum((digit + 1) * p for digit, p in enumerate(distribution)))
 
 
-def softmax(logits: Sequence[float]) -> list[float]:
-    top = max(logits)
-    exps = [math.exp(v - top) for v in logits]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 def make_score(
     distribution: Sequence[float], flags: Mapping[str, float], rule: CombinationRule | None = None
 ) -> ComplexityScore:
@@ -277,11 +272,6 @@ class PromptParts:
 
     def full_text(self, caption: str, query: str) -> str:
         return self.prefix + caption + self.caption_suffix + self.answer_keys[query]
-
-
-def clean_caption(caption: str) -> str:
-    """Collapse whitespace so a caption cannot break the prompt layout (and caches match)."""
-    return " ".join(str(caption).split())
 
 
 def build_prompt_parts(tokenizer=None) -> PromptParts:
@@ -400,7 +390,7 @@ class ComplexityScorer(abc.ABC):
         if isinstance(captions, str):
             raise TypeError("score() takes a list of captions, not a single string")
         for index, caption in enumerate(captions):
-            if not isinstance(caption, str) or not caption.strip():
+            if not isinstance(caption, str) or clean_caption(caption) is None:
                 raise ValueError(
                     f"caption {index} is empty or not a string ({caption!r}); use "
                     "router.image_complexity_score(image) for images without a caption"

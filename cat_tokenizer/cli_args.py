@@ -1,0 +1,206 @@
+"""The argparse side of ``cat-tokenize``: parsers, argument types, and the typed settings out.
+
+:func:`parse_tokenize` / :func:`parse_decode` are the only places a ``Namespace`` exists; they
+return :class:`~cat_tokenizer.cli_settings.TokenizeSettings` / ``DecodeSettings``. Bad arguments
+raise :class:`cat_foundations.cli.FatalError` (exit code 1, one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from cat_foundations.cli import OneLineParser
+from cat_foundations.ratios import RATIOS
+from cat_tokenizer.cli_settings import DecodeSettings, TokenizeSettings
+
+TOKENIZE_EPILOG = """\
+images:
+  Every file under --images whose extension Pillow opens is tokenized (hidden files skipped).
+  EXIF orientation is applied; CMYK, 16-bit, palette and grayscale become 8-bit RGB; transparency
+  (RGBA, palette) is composited on white. Images longer than --max-side are downscaled (Lanczos).
+captions.jsonl:
+  one JSON object per line: {"image": "sub/a.jpg", "caption": "..."}; "file_name" may replace
+  "image" and "text" may replace "caption". Images without a line (or with an empty caption) are
+  routed by the JPEG bits-per-pixel fallback, or skipped with --require-captions.
+output (OUT):
+  shards/*.safetensors (latents; each shard is written atomically and also holds its manifest
+  records), manifest.jsonl, errors.jsonl (path, line, reason), summary.json, run.json.
+exit codes:
+  0 all images tokenized, 2 some images or caption lines failed (see errors.jsonl), 1 fatal.
+scale-out:
+  accelerate launch --multi_gpu --num_processes N -m cat_tokenizer.cli --images ... --out ...
+  splits the images across processes (on a machine without GPUs the processes form a CPU/gloo
+  group); add --router-backend vllm to score each process's captions in one vLLM pass first.
+  Multi-node: --out must be on a filesystem every node sees (rank 0 merges the manifest there).
+"""
+
+
+
+# ---- argument types ------------------------------------------------------------------------
+
+
+def _ratio(value: str):
+    if value == "auto":
+        return None
+    if value in {str(r) for r in RATIOS}:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--ratio must be auto, 8, 16 or 32, got {value!r}")
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _dtype(value: str):
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {', '.join(choices)}")
+    return choices[value]
+
+
+def tokenize_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="cat-tokenize",
+        description="Tokenize every image in a folder with the caption-routed nested VAE. "
+        "Use `cat-tokenize decode --tokens OUT --out DIR` to reconstruct.",
+        epilog=TOKENIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_io_arguments(parser)
+    _add_routing_arguments(parser)
+    _add_vae_arguments(parser)
+    return parser
+
+
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input/output options."""
+    parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        help="captions.jsonl: {'image'|'file_name': path relative to --images, 'caption'|'text': str} per line",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder (shards/, manifest.jsonl, errors.jsonl, summary.json)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=256,
+        help="images per shard file, the unit of commit (default 256)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in --out: skip images its shards hold, redo the rest",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+
+
+def _add_routing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The routing options."""
+    parser.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=None,
+        help="auto (router decides, default) or a fixed 8, 16 or 32 (no router)",
+    )
+    parser.add_argument(
+        "--target-mean-tokens",
+        type=float,
+        help="calibrate the routing thresholds on this run's scores so the mean tokens per image, counted at 256x256 (1024/256/64 tokens at 8/16/32x), hits this budget",
+    )
+    parser.add_argument(
+        "--router-model",
+        default="default",
+        help="router LLM: 'default' (Qwen2.5-Coder-0.5B-Instruct), an HF id, a local directory or .gguf",
+    )
+    parser.add_argument(
+        "--router-backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers (default) or vllm (scores all captions in one pass first)",
+    )
+    parser.add_argument(
+        "--score-cache",
+        type=Path,
+        help="SQLite cache of router scores (model, prompt version, caption): a rerun or --resume never scores a caption twice",
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="routing thresholds JSON (RoutingPolicy.save); default thresholds otherwise",
+    )
+    parser.add_argument(
+        "--require-captions",
+        action="store_true",
+        help="skip images without a caption line instead of routing them by the image fallback",
+    )
+
+
+def _add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """The vae options."""
+    parser.add_argument("--batch-size", type=_positive, default=8, help="images per VAE call (default 8)")
+    parser.add_argument(
+        "--device", help="torch device for the VAE (default: this process's accelerate device: cuda:N or cpu)"
+    )
+    parser.add_argument(
+        "--dtype", type=_dtype, default=None, help="VAE dtype: float32 (default), bfloat16, float16"
+    )
+    parser.add_argument(
+        "--vae",
+        default="default",
+        help="'default' (shipped checkpoint) or a NestedVAE.save_pretrained directory",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=_positive,
+        default=2048,
+        help="downscale (Lanczos, aspect kept) images whose longest side exceeds this (default 2048)",
+    )
+    parser.add_argument(
+        "--tiling", action="store_true", help="tiled VAE encode/decode (for large --max-side)"
+    )
+
+
+def decode_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="cat-tokenize decode", description="Reconstruct a cat-tokenize output folder as PNG files."
+    )
+    parser.add_argument("--tokens", required=True, type=Path, help="the --out folder of a cat-tokenize run")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for the reconstructed PNGs (subfolders kept)"
+    )
+    parser.add_argument(
+        "--vae", help="NestedVAE to decode with (default: the one recorded in TOKENS/run.json)"
+    )
+    parser.add_argument("--batch-size", type=_positive, default=8, help="latents per VAE call (default 8)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def _settings(cls, namespace: argparse.Namespace):
+    return cls(**vars(namespace))
+
+
+def parse_tokenize(argv: list[str]) -> TokenizeSettings:
+    """``cat-tokenize [tokenize] ...`` arguments -> settings."""
+    return _settings(TokenizeSettings, tokenize_parser().parse_args(argv))
+
+
+def parse_decode(argv: list[str]) -> DecodeSettings:
+    """``cat-tokenize decode ...`` arguments -> settings."""
+    return _settings(DecodeSettings, decode_parser().parse_args(argv))

@@ -1,0 +1,49 @@
+"""Typed settings of ``cat-tokenize`` and ``cat-tokenize decode``: what the parser hands on.
+
+The argparse ``Namespace`` stops at :mod:`cat_tokenizer.cli_args`; everything after the parser
+works with these frozen dataclasses (``dataclasses.replace`` makes a changed copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """One ``cat-tokenize`` run (see ``cat-tokenize --help`` for each field)."""
+
+    images: Path
+    out: Path
+    captions: Path | None = None
+    ratio: int | None = None  # None: the router decides ("auto")
+    target_mean_tokens: float | None = None
+    batch_size: int = 8
+    shard_size: int = 256
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    vae: str = "default"
+    router_model: str = "default"
+    router_backend: str = "transformers"
+    score_cache: Path | None = None
+    policy: Path | None = None
+    max_side: int = 2048
+    tiling: bool = False
+    require_captions: bool = False
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """One ``cat-tokenize decode`` run."""
+
+    tokens: Path
+    out: Path
+    vae: str | None = None
+    batch_size: int = 8
+    device: str | None = None
+    quiet: bool = False

@@ -1,0 +1,316 @@
+"""``cat-tokenize`` orchestration: checks, resume, router calibration, the encode loop, the merge.
+
+Works on a :class:`~cat_tokenizer.cli_settings.TokenizeSettings` (never an argparse Namespace).
+Under ``accelerate launch`` every rank runs :func:`run_tokenize`; the barriers
+(``state.wait_for_everyone()``) are marked where the order between ranks matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
+
+from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL, FatalError
+from cat_foundations.images import ImageLoadError, limit_max_side, load_image
+from cat_tokenizer import store
+from cat_tokenizer.cli_settings import TokenizeSettings
+from cat_tokenizer.cli_summary import format_summary, log, summarize
+from cat_tokenizer.jobs import WorkItem, plan_work
+from cat_tokenizer.tokenizer import CATTokenizer
+from nested_vae import NestedVAE
+from router import RoutingPolicy, routing_score
+
+RUN_FORMAT = "cat-tokenize-run-v1"
+ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
+RESUME_KEYS = ("vae", "router_model", "ratio", "max_side", "policy")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the output folder and prove it is writable (fatal otherwise)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        store.atomic_write_text(probe, "ok")
+        probe.unlink()
+    except OSError as error:
+        raise FatalError(f"output folder {out_dir} is not writable: {error.strerror or error}") from None
+
+
+def _use_cpu(device: str | None) -> bool:
+    """Whether the accelerate state should be CPU-only (gloo between processes when launched).
+
+    accelerate only forms a multi-process CPU group when asked to (``PartialState(cpu=True)``),
+    so ask whenever there is no GPU, ``--device cpu`` was given, or the launcher set
+    ``ACCELERATE_USE_CPU``.
+    """
+    wanted = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return wanted or (device is not None and device.startswith("cpu")) or not torch.cuda.is_available()
+
+
+def _run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
+    vae = settings.vae if settings.vae == "default" else str(Path(settings.vae).resolve())
+    return {
+        "format": RUN_FORMAT,
+        "vae": vae,
+        "router_model": settings.router_model,
+        "router_backend": settings.router_backend,
+        "ratio": settings.ratio,
+        "max_side": settings.max_side,
+        "policy": {"low": policy.low, "high": policy.high},
+    }
+
+
+def _check_resume_settings(out_dir: Path, run_info: dict) -> None:
+    previous_path = out_dir / store.RUN_INFO
+    if not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    changed = [k for k in RESUME_KEYS if previous.get(k) != run_info[k]]
+    if changed:
+        raise FatalError(
+            f"--resume with different settings than the run in {out_dir} ({', '.join(changed)} changed)"
+        )
+
+
+def _check_inputs(settings: TokenizeSettings) -> None:
+    if not settings.images.is_dir():
+        raise FatalError(f"--images {settings.images} is not a folder")
+    if settings.captions is not None and not settings.captions.is_file():
+        raise FatalError(f"--captions {settings.captions} is not a readable file")
+    if settings.target_mean_tokens is not None and settings.ratio is not None:
+        raise FatalError("--target-mean-tokens needs --ratio auto")
+
+
+def _initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
+    """``--policy`` (or the defaults); on ``--resume`` with a budget, the first run's calibration."""
+    try:
+        policy = RoutingPolicy.load(settings.policy) if settings.policy else RoutingPolicy()
+    except ValueError as error:
+        raise FatalError(str(error)) from None
+    saved = settings.out / "policy.json"
+    if settings.resume and settings.target_mean_tokens is not None and saved.exists():
+        policy = RoutingPolicy.load(saved)
+    return policy
+
+
+def _load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATTokenizer:
+    try:
+        vae = NestedVAE.from_pretrained(settings.vae, device=settings.device, dtype=settings.dtype)
+    except (OSError, ValueError) as error:
+        raise FatalError(f"cannot load the VAE {settings.vae!r}: {error}") from None
+    if settings.tiling:
+        vae.enable_tiling()
+    options = {"cache_path": str(settings.score_cache)} if settings.score_cache else {}
+    return CATTokenizer(
+        vae,
+        scorer=None if settings.ratio is not None else settings.router_model,
+        policy=policy,
+        router_backend=settings.router_backend,
+        max_side=settings.max_side,
+        router_options=options,
+    )
+
+
+def _load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
+    if quiet:
+        transformers_logging.disable_progress_bar()
+    try:
+        return tokenizer.scorer
+    except Exception as error:  # any loader failure (missing files, bad id, no vllm) is fatal here
+        raise FatalError(f"cannot load the router model {tokenizer.router_name!r}: {error}") from None
+
+
+def _prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
+    """Caption scores for ``items`` in ONE router call (vLLM path, calibration): id -> score."""
+    captioned = [item for item in items if item.caption]
+    scores = tokenizer.score_captions([item.caption for item in captioned])  # timed by the tokenizer
+    return {item.id: score for item, score in zip(captioned, scores)}
+
+
+def _routing_scores(items: list[WorkItem], prescored: dict, max_side: int) -> list[float]:
+    """Every item's routing score (caption first, else image fallback); unreadable images left out."""
+    values = []
+    for item in items:
+        try:
+            image = lambda item=item: limit_max_side(load_image(item.path), max_side)  # noqa: E731
+            values.append(routing_score(prescored.get(item.id), image).score)
+        except ImageLoadError:
+            pass
+    return values
+
+
+def _calibrated_policy(state, base: RoutingPolicy, my_items, prescored: dict, settings) -> RoutingPolicy:
+    """Thresholds fitted on the scores of the whole run (gathered from every process)."""
+    values = _routing_scores(my_items, prescored, settings.max_side)
+    if state.num_processes > 1:
+        values = gather_object(values)
+    if not values:
+        raise FatalError("--target-mean-tokens: no image could be scored for calibration")
+    try:
+        return RoutingPolicy.calibrate(
+            values, target_mean_tokens=settings.target_mean_tokens, image_size=256, base=base
+        )
+    except ValueError as error:
+        raise FatalError(f"--target-mean-tokens: {error}") from None
+
+
+@dataclass
+class _Plan:
+    """What this rank does: the work plan, its share, and the prepared tokenizer."""
+
+    plan: object
+    my_items: list[WorkItem]
+    tokenizer: CATTokenizer
+    prescored: dict | None
+    setup_s: float
+
+
+def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
+    """Checks, resume bookkeeping, model loading, routing calibration; writes run.json."""
+    out_dir = settings.out
+    _check_inputs(settings)
+    prepare_out_dir(out_dir)  # every rank: a failure must not leave the others waiting at a barrier
+    policy = _initial_policy(settings)
+    existing = store.shard_paths(out_dir)
+    if existing and not settings.resume:
+        raise FatalError(
+            f"{out_dir} already holds {len(existing)} shard(s) of an earlier run; pass --resume or use an empty folder"
+        )
+    if settings.resume:
+        _check_resume_settings(out_dir, _run_info(settings, policy))
+    try:
+        plan = plan_work(settings.images, settings.captions, settings.require_captions)
+    except OSError as error:
+        raise FatalError(f"cannot read --captions {settings.captions}: {error.strerror or error}") from None
+
+    if settings.resume and state.is_main_process:
+        store.remove_temporary_files(out_dir)
+    state.wait_for_everyone()
+    done_ids = {record["id"] for record in store.read_shard_records(out_dir)} if settings.resume else set()
+    state.wait_for_everyone()  # every rank has read the shards before any rank writes new ones
+    todo = [item for item in plan.items if item.id not in done_ids]
+
+    tokenizer = _load_tokenizer(settings, policy)
+    if settings.ratio is None and any(item.caption for item in todo):
+        _load_scorer_or_fail(tokenizer, settings.quiet)  # up front: a model that cannot load is fatal
+    setup_s = time.perf_counter() - started
+    with state.split_between_processes(todo) as mine:
+        my_items = list(mine)
+    prescored = None
+    if settings.ratio is None and (settings.router_backend == "vllm" or settings.target_mean_tokens is not None):
+        prescored = _prescore(tokenizer, my_items)
+    saved_policy = out_dir / "policy.json"
+    if settings.target_mean_tokens is not None and not (settings.resume and saved_policy.exists()):
+        tokenizer.policy = _calibrated_policy(state, tokenizer.policy, my_items, prescored, settings)
+        if state.is_main_process:
+            tokenizer.policy.save(saved_policy)
+    if state.is_main_process:
+        store.atomic_write_json(out_dir / store.RUN_INFO, _run_info(settings, tokenizer.policy))
+    return _Plan(plan, my_items, tokenizer, prescored, setup_s)
+
+
+def _error(item: WorkItem, reason: str) -> dict:
+    return {"path": item.id, "line": item.line, "reason": reason}
+
+
+def _encode_chunk(tokenizer, chunk: list[WorkItem], settings, prescored: dict | None, errors: list, writer) -> int:
+    """Load, route, encode and queue one chunk; bad images become error records. Returns #done."""
+    loaded: list[tuple[WorkItem, object]] = []
+    for item in chunk:
+        try:
+            loaded.append((item, load_image(item.path)))
+        except ImageLoadError as error:
+            errors.append(_error(item, error.reason))
+
+    def encode(pairs):
+        scores = None if prescored is None else [prescored.get(item.id) for item, _ in pairs]
+        return tokenizer.encode_batch(
+            [image for _, image in pairs],
+            [item.caption for item, _ in pairs],
+            settings.ratio,
+            scores=scores,
+            batch_size=settings.batch_size,
+        )
+
+    try:
+        encoded = list(zip(loaded, encode(loaded)))
+    except Exception:  # isolate the image that broke the batch: retry one by one
+        encoded = []
+        for pair in loaded:
+            try:
+                encoded.append((pair, encode([pair])[0]))
+            except Exception as error:
+                errors.append(_error(pair[0], f"encoding failed: {type(error).__name__}: {error}"))
+    for (item, _), result in encoded:
+        writer.add(item.id, result, {"path": item.id, "caption": item.caption, "caption_line": item.line})
+    return len(encoded)
+
+
+def _encode_all(state, settings: TokenizeSettings, work: _Plan) -> int:
+    """The main loop of one rank: shards of encoded images and this rank's error part. Returns #done."""
+    writer = store.ShardWriter(settings.out, rank=state.process_index, shard_size=settings.shard_size)
+    errors: list[dict] = []
+    done = 0
+    chunk_size = max(ROUTER_CHUNK, settings.batch_size)
+    show = not settings.quiet and state.is_main_process
+    items = work.my_items
+    with tqdm(total=len(items), unit="img", disable=not show, desc="tokenize", dynamic_ncols=True) as bar:
+        for start in range(0, len(items), chunk_size):
+            chunk = items[start : start + chunk_size]
+            done += _encode_chunk(work.tokenizer, chunk, settings, work.prescored, errors, writer)
+            bar.update(len(chunk))
+        writer.flush()
+    store.write_jsonl(settings.out / f"errors.rank{state.process_index:02d}.jsonl", errors)
+    return done
+
+
+def _merge_outputs(out_dir: Path, plan, process_stats: list[dict], wall_s: float, quiet: bool) -> None:
+    """Rank 0: manifest from the shards, errors from the rank parts, summary (all atomic)."""
+    records = sorted(store.read_shard_records(out_dir), key=lambda r: r["id"])
+    ids = [r["id"] for r in records]
+    if len(ids) != len(set(ids)):
+        duplicated = sorted(k for k, n in Counter(ids).items() if n > 1)
+        raise FatalError(
+            f"shards in {out_dir} hold duplicate images (e.g. {duplicated[0]}); the folder mixes runs"
+        )
+    store.write_jsonl(out_dir / store.MANIFEST, records)
+    parts = sorted(out_dir.glob("errors.rank*.jsonl"))
+    image_errors = [e for part in parts for e in store.read_jsonl(part)]
+    errors = plan.errors + sorted(image_errors, key=lambda e: e["path"])
+    store.write_jsonl(out_dir / store.ERRORS, errors)
+    for part in parts:
+        part.unlink()
+    summary = summarize(records, errors, len(plan.skipped_without_caption), wall_s, process_stats)
+    store.atomic_write_json(out_dir / store.SUMMARY, summary)
+    log(format_summary(summary), quiet)
+
+
+def run_tokenize(settings: TokenizeSettings) -> int:
+    """One ``cat-tokenize`` run on this rank; returns 0 (all done) or 2 (some items failed)."""
+    started = time.perf_counter()
+    state = PartialState(cpu=_use_cpu(settings.device))
+    if settings.device is None:
+        settings = dataclasses.replace(settings, device=str(state.device))
+    work = _plan_run(state, settings, started)
+    done = _encode_all(state, settings, work)
+
+    process_stats = [{"done": done, "setup_s": work.setup_s, **work.tokenizer.timings}]
+    if state.num_processes > 1:
+        process_stats = gather_object(process_stats)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _merge_outputs(settings.out, work.plan, process_stats, time.perf_counter() - started, settings.quiet)
+    state.wait_for_everyone()
+    failed = len(store.read_jsonl(settings.out / store.ERRORS))
+    return EXIT_PARTIAL if failed else EXIT_OK

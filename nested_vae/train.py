@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -489,7 +490,7 @@ class Trainer:
         self.state.step = start_step
         with warnings.catch_warnings():
             # torch warns that the scheduler steps before the optimizer: here that is the point.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(start_step):  # accelerate's wrapper steps once per process itself
                 self.scheduler.step()
 

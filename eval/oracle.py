@@ -1,14 +1,18 @@
 """The oracle ratio allocation: the upper bound that routers are measured against.
 
 It knows every image's quality at every ratio (``(N, L)`` tables, levels coarse first, i.e.
-32x, 16x, 8x), starts all images at the coarsest level and repeatedly makes the upgrade with the
-best quality gain per extra token -- to any finer level, so an image whose 16x is not on its
-convex hull jumps 32x -> 8x; upgrades without gain are never made -- while it fits the budget.
-:func:`oracle_row` compares it with fixed 16x at equal tokens and finds the fewest tokens with
-which it matches fixed 16x (``cat-bench headroom``).
+32x, 16x, 8x) and picks one ratio per image to maximise the mean quality within a mean-token
+budget. :class:`Frontier` solves this exactly for every budget at once (dynamic programming over
+budgets in units of the token steps), so the oracle at a budget is the true optimum, never below
+fixed 16x at 16x's tokens, and "fewest tokens to match" is monotone. :func:`greedy_upgrades` --
+start at 32x, repeatedly make the upgrade with the best gain per extra token that still fits --
+is kept for comparison: it is optimal except at knapsack corners (e.g. four images back to 32x
+to pay for one 16x -> 8x). :func:`oracle_row` compares the oracle with fixed 16x (``cat-bench headroom``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -51,69 +55,90 @@ def greedy_upgrades(quality: np.ndarray, tokens: np.ndarray, budget: float | Non
         steps.append((image, new_level))
 
 
-def greedy_path(quality: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean tokens and mean quality after each upgrade of the unconstrained greedy path (index 0: all coarse)."""
-    level = np.zeros(quality.shape[0], dtype=int)
-    total_q, total_t = [float(quality[:, 0].sum())], [float(tokens[:, 0].sum())]
-    for image, new_level in greedy_upgrades(quality, tokens)[1]:
-        old = level[image]
-        total_q.append(total_q[-1] + quality[image, new_level] - quality[image, old])
-        total_t.append(total_t[-1] + tokens[image, new_level] - tokens[image, old])
-        level[image] = new_level
-    return np.asarray(total_t) / len(level), np.asarray(total_q) / len(level)
+class Frontier:
+    """The exact oracle: the best allocation at every budget (a multiple-choice knapsack, solved by DP).
 
+    Budgets are counted in units of the gcd of the per-image token steps (192 tokens at 256^2:
+    +192 for 32x -> 16x, +960 for 32x -> 8x), so the table has ``sum(steps) / unit + 1`` entries.
 
-def fewest_tokens(quality: np.ndarray, tokens: np.ndarray, target: float) -> float | None:
-    """Fewest mean tokens at which the budgeted greedy oracle's mean quality reaches ``target``.
-
-    Bisection over the budgets the allocations can reach (all-coarse total plus multiples of the
-    gcd of the per-image token steps); None when even every image at its best level falls short.
+    Args:
+        quality: ``(N, L)`` per image and level, higher is better (negate lower-is-better metrics).
+        tokens: ``(N, L)`` tokens per image and level, increasing along L (coarse first).
     """
-    rows = np.arange(len(quality))
-    unit = int(np.gcd.reduce(np.diff(tokens.astype(np.int64), axis=1).ravel()))
-    low = float(tokens[:, 0].sum())
 
-    def allocate(steps: int) -> np.ndarray:
-        return greedy_upgrades(quality, tokens, low + steps * unit)[0]
+    def __init__(self, quality: np.ndarray, tokens: np.ndarray):
+        tokens = np.rint(tokens).astype(np.int64)
+        steps = tokens - tokens[:, :1]
+        self.unit = int(np.gcd.reduce(steps.ravel())) or 1
+        self.cost = steps // self.unit
+        self.count, levels = quality.shape
+        self.base_tokens, self.base_quality = int(tokens[:, 0].sum()), float(quality[:, 0].sum())
+        size = int(self.cost.max(axis=1).sum()) + 1
+        best = np.full(size, -np.inf)
+        best[0] = 0.0
+        self.choices = np.zeros((self.count, size), dtype=np.int8)
+        for image in range(self.count):
+            candidates = np.full((levels, size), -np.inf)
+            for level in range(levels):
+                shift = self.cost[image, level]
+                candidates[level, shift:] = best[: size - shift] + quality[image, level] - quality[image, 0]
+            self.choices[image] = candidates.argmax(axis=0)  # ties: the coarser level
+            best = candidates.max(axis=0)
+        self.best = best  # best[b]: highest total gain over all-coarse with exactly b units
 
-    def reaches(steps: int) -> bool:
-        return float(quality[rows, allocate(steps)].mean()) >= target - 1e-9
+    def mean_tokens(self, units: int) -> float:
+        return (self.base_tokens + units * self.unit) / self.count
 
-    below, above = -1, int(round((tokens[:, -1].sum() - low) / unit))
-    if not reaches(above):
-        return None
-    while above - below > 1:
-        middle = (below + above) // 2
-        below, above = (below, middle) if reaches(middle) else (middle, above)
-    return float(tokens[rows, allocate(above)].mean())
+    def allocate(self, budget: float) -> np.ndarray:
+        """Levels ``(N,)`` of the best allocation with at most ``budget`` mean tokens (fewest tokens on ties)."""
+        limit = math.floor((budget * self.count - self.base_tokens) / self.unit + 1e-9)
+        if limit < 0:
+            raise ValueError(f"budget {budget} mean tokens is below the all-coarsest {self.mean_tokens(0)}")
+        units = int(np.argmax(self.best[: limit + 1]))
+        levels = np.zeros(self.count, dtype=int)
+        for image in reversed(range(self.count)):
+            levels[image] = self.choices[image, units]
+            units -= int(self.cost[image, levels[image]])
+        return levels
+
+    def fewest_tokens(self, target: float) -> float | None:
+        """Fewest mean tokens whose best mean quality reaches ``target`` (None: never)."""
+        reached = np.flatnonzero(self.base_quality + self.best >= (target - 1e-9) * self.count)
+        return self.mean_tokens(int(reached[0])) if reached.size else None
+
+    def curve(self) -> tuple[list[float], list[float]]:
+        """The frontier's corners: mean tokens and best mean quality where the quality rises."""
+        running = np.maximum.accumulate(self.best)
+        corners = np.flatnonzero(np.diff(running, prepend=-np.inf) > 1e-12)
+        means = (self.base_quality + running[corners]) / self.count
+        return [self.mean_tokens(int(u)) for u in corners], means.tolist()
 
 
 def oracle_row(values: np.ndarray, tokens: np.ndarray, metric: str, budget: float | None) -> dict:
     """Oracle vs fixed 16x for one metric; ``values`` ``(N, L)`` in COARSE_FIRST order, the metric's units."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    quality, reference = sign * values, COARSE_FIRST.index(REFERENCE)
+    quality, reference, rows = sign * values, COARSE_FIRST.index(REFERENCE), np.arange(len(values))
     fixed_tokens, fixed = float(tokens[:, reference].mean()), float(values[:, reference].mean())
     budget = fixed_tokens if budget is None else budget
-    level, _ = greedy_upgrades(quality, tokens, budget * len(values))
-    chosen = values[np.arange(len(values)), level]
-    path_tokens, path_quality = greedy_path(quality, tokens)
-    fewest = fewest_tokens(quality, tokens, sign * fixed)
-    oracle = float(chosen.mean())
+    frontier = Frontier(quality, tokens)
+    level = frontier.allocate(budget)
+    oracle = float(values[rows, level].mean())
+    greedy = float(values[rows, greedy_upgrades(quality, tokens, budget * len(values))[0]].mean())
+    fewest = frontier.fewest_tokens(sign * fixed)
+    curve_tokens, curve_quality = frontier.curve()
     row = {
         "budget_mean_tokens": budget,
-        "mean_tokens": float(tokens[np.arange(len(values)), level].mean()),
+        "mean_tokens": float(tokens[rows, level].mean()),
         "ratio_counts": {str(r): int((level == i).sum()) for i, r in enumerate(COARSE_FIRST)},
         "fixed16": fixed,
         "fixed16_mean_tokens": fixed_tokens,
         "oracle": oracle,
         "gain": sign * (oracle - fixed),
+        "greedy_oracle": greedy,  # greedy by gain per token, for comparison (misses knapsack corners)
         "fewest_mean_tokens": fewest,
         "fewest_saving_pct": None if fewest is None else 100.0 * (1 - fewest / fixed_tokens),
-        "path": {"mean_tokens": path_tokens.tolist(), "mean": (sign * path_quality).tolist()},
+        "frontier": {"mean_tokens": curve_tokens, "mean": [sign * q for q in curve_quality]},
     }
     if metric in LOWER_IS_BETTER:
         row["gain_pct"] = 100.0 * row["gain"] / fixed if fixed else None
     return row
-
-
-# --------------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,10 +28,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL
+from cat_foundations.ratios import RATIOS, tokens_for
 from eval.engine import EvalSettings, Measurers, evaluate_dataset
 from eval.oracle import COARSE_FIRST, oracle_row
 from eval.report import _pyplot, run_record, write_json
-from nested_vae import RATIOS
 from nested_vae.model import DEFAULT_WEIGHTS_DIR, reflect_pad_to_multiple
 from nested_vae.shortcuts import PixelShortcut, build_pixel_shortcut
 
@@ -150,8 +149,6 @@ def select_samples(settings: HeadroomSettings) -> tuple[list, list[dict], dict[s
 
 def measure(settings: HeadroomSettings, samples: list, vae) -> tuple[list[dict], str]:
     """Per-image rows (see the module docstring) and the LPIPS status."""
-    from router import tokens_for
-
     config = EvalSettings(
         size=settings.size, ratios=RATIOS, batch_size=settings.batch_size, device=settings.device,
         fid=False, effnet=False, lpips=settings.lpips,
@@ -412,13 +409,8 @@ def run_headroom(settings: HeadroomSettings) -> dict:
 
 
 def cmd_headroom(args: argparse.Namespace) -> int:
-    """Exit code: 0 done, 2 partial (some images failed, recorded), 1 fatal."""
-    try:
-        results = run_headroom(HeadroomSettings.from_args(args))
-    except Exception as error:  # fatal: nothing usable was written
-        traceback.print_exc()
-        print(f"cat-bench headroom: fatal: {error}", file=sys.stderr)
-        return 1
+    """Exit code: 0 done, 2 partial (some images failed, recorded); a fatal error raises (``run_cli``: 1)."""
+    results = run_headroom(HeadroomSettings.from_args(args))
     print("\n".join(ratio_table(results["groups"]["all"])))
     print("\n".join(oracle_table({"all": results["groups"]["all"]})))
-    return 2 if results["failures"] else 0
+    return EXIT_PARTIAL if results["failures"] else EXIT_OK

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
+from cat_foundations.ratios import RATIOS
 from eval.recon import LOWER_IS_BETTER
-from nested_vae import RATIOS
 
 COARSE_FIRST = tuple(sorted(RATIOS, reverse=True))  # oracle levels: 32, 16, 8
 REFERENCE = 16

@@ -37,10 +37,13 @@ class LossConfig:
         kl_weight: weight of KL(q(z|x) || N(0, I)). The KL is summed over latent elements and divided
             by the number of image elements, so the weight means what it means in latent-diffusion
             (whose losses are both sums per image): 1e-6 is their default.
-        perceptual: ``"efficientnet"`` (EfficientNet-Lite0 feature distance, trains offline),
-            ``"lpips"`` (LPIPS-VGG, needs its ImageNet backbone file) or ``"none"``.
+        perceptual: ``"lpips"`` (LPIPS v0.1 on torchvision's ImageNet trunk, found offline by
+            :func:`nested_vae.perceptual.load_lpips`), ``"efficientnet"`` (EfficientNet-Lite0
+            feature distance, not LPIPS) or ``"none"``.
         perceptual_weight: weight of the perceptual term.
-        perceptual_options: keyword arguments for the perceptual module (e.g. ``backbone_weights``).
+        perceptual_options: keyword arguments for the perceptual module: for LPIPS ``net``
+            (``"vgg"``, the default, or ``"alex"``: about 20x cheaper, what the CPU recipe trains
+            with) and ``backbone_weights`` / ``head_weights``.
         disc_weight: base weight of the generator's adversarial term (multiplied by the adaptive weight).
         disc_start: when the adversarial term enters the generator loss: a step count if >= 1,
             a fraction of the total training steps if in (0, 1). The default, 50001, is
@@ -62,7 +65,7 @@ class LossConfig:
 
     reconstruction: str = "l1"
     kl_weight: float = 1e-6
-    perceptual: str = "efficientnet"
+    perceptual: str = "lpips"
     perceptual_weight: float = 1.0
     perceptual_options: dict = field(default_factory=dict)
     disc_weight: float = 0.5

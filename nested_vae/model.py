@@ -26,7 +26,14 @@ Layout (``w_j = base_channels * channel_multipliers[j-1]``; default widths 32, 6
 So the 8x path is a prefix of the 16x path, which is a prefix of the 32x path, on both sides: the
 three ratios share every trunk module and own only their small exit head and entry. The shortcuts
 are DC-AE's residual autoencoding (Chen et al. 2024): parameter-free space<->channel moves around
-the resolution change next to each latent, so the learned heads only add a residual.
+the resolution change next to each latent, so the learned heads only add a residual
+(``trunk_shortcuts``). Around the whole network, a parameter-free pixel shortcut
+(``pixel_shortcut``, :mod:`nested_vae.shortcuts`: the smooth colour thumbnail in recipe v3) puts
+an image into the latent and back, so the network learns only what the thumbnail misses.
+
+Files: :mod:`.config` (the config), :mod:`.encoder`, :mod:`.decoder`, :mod:`.outputs` (typed
+results, the posterior), :mod:`.inputs` (argument checks, padding); this module is the public
+model (encode/decode/forward, memory toggles, precision guard, checkpoint I/O).
 """
 
 from __future__ import annotations
@@ -34,563 +41,60 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from cat_foundations.ratios import PAD_MULTIPLE, RATIOS
 from cat_foundations.ratios import latent_size as _latent_size
 
-from .blocks import (
-    NORM_EPS,
-    Downsample,
-    ResnetBlock,
-    SelfAttention,
-    Upsample,
-    channel_repeat_to_space,
-    space_to_channel_average,
+from .config import NestedVAEConfig
+from .decoder import Decoder
+from .encoder import Encoder
+from .inputs import (
+    RatioArg,
+    all_finite,
+    check_images,
+    check_ratio,
+    is_low_precision,
+    per_sample_ratios,
+    reflect_pad_to_multiple,
 )
-from .shortcuts import build_pixel_shortcut, normalize_kind
+from .outputs import (
+    CheckpointError,
+    DecoderOutput,
+    DiagonalGaussianDistribution,
+    EncoderOutput,
+    NestedVAEOutput,
+    Padding,
+)
 from .tiling import run_tiled
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_WEIGHTS_DIR",
+    "PAD_MULTIPLE",
+    "RATIOS",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "DecoderOutput",
+    "DiagonalGaussianDistribution",
+    "EncoderOutput",
+    "NestedVAE",
+    "NestedVAEConfig",
+    "NestedVAEOutput",
+    "Padding",
+    "reflect_pad_to_multiple",
+]
 
 logger = logging.getLogger(__name__)
 
-# RATIOS (from cat_foundations.ratios): compression per side; ratio ``2**j`` exits after encoder stage ``j``.
-
-NUM_STAGES = 5
-INITIAL_LOGVAR = -8.0  # log-variance a new model's posterior starts at
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
-
-
-def _stage_of(ratio: int) -> int:
-    """Encoder stage after which ``ratio`` exits (8 -> 3, 16 -> 4, 32 -> 5)."""
-    return ratio.bit_length() - 1
-
-
-@dataclass
-class NestedVAEConfig:
-    """Configuration of :class:`NestedVAE`; the defaults are the shipped checkpoint's.
-
-    Args:
-        in_channels: image channels read by the encoder.
-        out_channels: image channels written by the decoder.
-        base_channels: width of the first stage; stage ``j`` has
-            ``base_channels * channel_multipliers[j-1]`` channels.
-        channel_multipliers: one multiplier per stage; exactly five stages (ratios 2..32).
-        layers_per_block: ResNet blocks per encoder stage (decoder stages use one more, as in
-            diffusers' AutoencoderKL).
-        latent_channels: channels of the latent at every ratio (16 -> a 256x256 image gives
-            16x32x32, 16x16x16 or 16x8x8).
-        norm_num_groups: GroupNorm groups everywhere. Must divide every stage width. Default 8:
-            4 channels per group at the 32-channel full-resolution stage, as Stable Diffusion's VAE
-            has (32 groups over 128 channels). With one channel per group (32 here, diffusers'
-            default number) the decoder's last norm is an instance norm that erases each channel's
-            per-image mean and scale, where global colour lives, and models trained that way lost
-            colour (see nested_vae/weights/default/MODEL_CARD.md).
-        pixel_shortcut: the parameter-free image <-> latent pair added around the whole network
-            (:mod:`nested_vae.shortcuts`): ``"smooth"`` (a colour thumbnail, upsampled bicubically),
-            ``"blocks"`` (DC-AE's space-to-channel group means from the pixels; piecewise constant)
-            or ``"none"``. With a shortcut the network only learns the residual and a colour-correct
-            low-frequency image is there from the first step (without one, our CPU-trained models
-            lost colour: the trunk let chroma fade and training stalled there). ``True``/``False``
-            (configs written before the kinds existed) mean ``"blocks"``/``"none"``.
-        trunk_shortcuts: DC-AE's space<->channel shortcuts inside the trunk, around the resolution
-            change next to each latent (encoder exit: features before the downsample; decoder
-            entry: into the next stage's upsample), where later convolutions can smooth them.
-        attention_ratios: ratios whose exit head and decoder entry get single-head self-attention.
-            Attention at 8x (1024 positions at 256x256) would dominate the cost, so the default
-            leaves it out.
-        scaling_factor: multiply latents by this before handing them to a diffusion model (and
-            divide before decoding); 1.0 until a checkpoint measures its latent statistics.
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 32
-    channel_multipliers: tuple[int, ...] = (1, 2, 4, 4, 8)
-    layers_per_block: int = 1
-    latent_channels: int = 16
-    norm_num_groups: int = 8
-    attention_ratios: tuple[int, ...] = field(default=(16, 32))
-    pixel_shortcut: str = "blocks"
-    trunk_shortcuts: bool = True
-    scaling_factor: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
-        self.attention_ratios = tuple(int(r) for r in self.attention_ratios)
-        self.pixel_shortcut = normalize_kind(self.pixel_shortcut)
-        if len(self.channel_multipliers) != NUM_STAGES:
-            raise ValueError(
-                f"channel_multipliers needs {NUM_STAGES} entries (one per 2x stage; ratios 8/16/32 exit "
-                f"after stages 3/4/5), got {self.channel_multipliers}"
-            )
-        for name in ("in_channels", "out_channels", "base_channels", "layers_per_block", "latent_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.channel_multipliers) < 1:
-            raise ValueError(f"channel_multipliers must be >= 1, got {self.channel_multipliers}")
-        bad_groups = [w for w in self.widths if w % self.norm_num_groups]
-        if self.norm_num_groups < 1 or bad_groups:
-            raise ValueError(
-                f"norm_num_groups={self.norm_num_groups} must divide every stage width {self.widths}"
-            )
-        unknown = [r for r in self.attention_ratios if r not in RATIOS]
-        if unknown:
-            raise ValueError(f"attention_ratios {unknown} are not among the supported ratios {RATIOS}")
-        # The shortcuts average (encoder) or repeat (decoder) channel groups of equal size.
-        for ratio in RATIOS:
-            stage = _stage_of(ratio)
-            for side, width in (
-                ("encoder", self.widths[stage - 1]),
-                ("decoder", self.decoder_input_width(stage)),
-            ):
-                if (4 * width) % self.latent_channels:
-                    raise ValueError(
-                        f"latent_channels={self.latent_channels} must divide 4 x the {side} width at "
-                        f"ratio {ratio} ({4 * width}) for the parameter-free shortcut"
-                    )
-            for channels in {self.in_channels, self.out_channels}:
-                shortcut = build_pixel_shortcut(self.pixel_shortcut, self.latent_channels, channels)
-                if shortcut is not None:
-                    shortcut.check_ratio(ratio)
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Channel width of each of the five stages."""
-        return tuple(self.base_channels * m for m in self.channel_multipliers)
-
-    def decoder_input_width(self, stage: int) -> int:
-        """Width that decoder stage ``stage`` (1..5) takes in: the next stage's output, w_5 for the last."""
-        return self.widths[min(stage, NUM_STAGES - 1)]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["channel_multipliers"] = list(self.channel_multipliers)
-        data["attention_ratios"] = list(self.attention_ratios)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> NestedVAEConfig:
-        """Build from a dict (e.g. ``config.json``); keys starting with ``_`` are metadata and ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown NestedVAEConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-
-class Padding(NamedTuple):
-    """Rows and columns reflect-padded at the bottom and right to reach a multiple of 32."""
-
-    bottom: int
-    right: int
-
-
-class DiagonalGaussianDistribution:
-    """Diagonal Gaussian posterior over latents (as in diffusers, with mean and log-variance given apart).
-
-    Args:
-        mean: ``(B, C, h, w)`` means.
-        logvar: ``(B, C, h, w)`` log-variances, clamped to [-30, 20] so ``exp`` never overflows.
-    """
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        self.mean = mean
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
-
-    @classmethod
-    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Split ``(B, 2C, h, w)`` into mean (first C channels) and log-variance."""
-        mean, logvar = moments.chunk(2, dim=1)
-        return cls(mean, logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample ``mean + std * eps``."""
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl(self) -> torch.Tensor:
-        """KL divergence to the standard normal, summed over C, h, w: shape ``(B,)``."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
-
-
-@dataclass
-class EncoderOutput:
-    """Result of :meth:`NestedVAE.encode`.
-
-    Attributes:
-        latent_dist: one batched distribution for an ``int`` ratio; for a per-sample ratio list, a
-            list with one distribution (batch 1) per input image, in input order.
-        ratio: the ratio (or per-sample ratios) the images were encoded at.
-        padding: what was reflect-padded at the bottom and right before encoding.
-        input_size: ``(H, W)`` of the input, to crop the decoded image back to.
-    """
-
-    latent_dist: DiagonalGaussianDistribution | list[DiagonalGaussianDistribution]
-    ratio: int | list[int]
-    padding: Padding
-    input_size: tuple[int, int]
-
-
-@dataclass
-class DecoderOutput:
-    """Result of :meth:`NestedVAE.decode`: ``sample`` is ``(B, 3, H, W)`` in (roughly) [-1, 1]."""
-
-    sample: torch.Tensor
-
-
-@dataclass
-class NestedVAEOutput:
-    """Result of :meth:`NestedVAE.forward`.
-
-    Attributes:
-        sample: reconstruction ``(B, 3, H, W)``, same size and order as the input.
-        latent_dist: as in :class:`EncoderOutput`.
-        latents: the latents that were decoded (a tensor, or a per-sample list for a ratio list).
-        ratio: the ratio or per-sample ratios.
-        padding: as in :class:`EncoderOutput`.
-    """
-
-    sample: torch.Tensor
-    latent_dist: DiagonalGaussianDistribution | list[DiagonalGaussianDistribution]
-    latents: torch.Tensor | list[torch.Tensor]
-    ratio: int | list[int]
-    padding: Padding
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory whose files do not match the model (names the keys or file at fault)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoder
-
-
-class EncoderStage(nn.Module):
-    """``num_blocks`` ResNet blocks at the stage's input resolution, then a stride-2 downsample."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, norm_num_groups: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_num_groups)
-            for i in range(num_blocks)
-        )
-        self.downsample = Downsample(out_channels)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the features before the downsample (for the exit shortcut) and after it."""
-        for block in self.blocks:
-            h = block(h)
-        return h, self.downsample(h)
-
-
-class ExitHead(nn.Module):
-    """Turns trunk features at one ratio into the moments (mean, log-variance) of its latent."""
-
-    def __init__(
-        self, width: int, latent_channels: int, norm_num_groups: int, attention: bool, shortcut: bool = True
-    ):
-        super().__init__()
-        self.latent_channels = latent_channels
-        self.shortcut = shortcut
-        self.block = ResnetBlock(width, width, norm_num_groups)
-        self.attention = SelfAttention(width, norm_num_groups) if attention else None
-        self.norm_out = nn.GroupNorm(norm_num_groups, width, eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(width, 2 * latent_channels, kernel_size=3, padding=1)
-
-    def forward(self, before_downsample: torch.Tensor, after_downsample: torch.Tensor) -> torch.Tensor:
-        h = self.block(after_downsample)
-        if self.attention is not None:
-            h = self.attention(h)
-        mean, logvar = self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
-        if self.shortcut:
-            mean = mean + space_to_channel_average(before_downsample, self.latent_channels, factor=2)
-        return torch.cat([mean, logvar], dim=1)
-
-
-class Encoder(nn.Module):
-    """Shared five-stage trunk with an exit head after stages 3, 4 and 5."""
-
-    def __init__(self, config: NestedVAEConfig):
-        super().__init__()
-        widths, groups = config.widths, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], kernel_size=3, padding=1)
-        self.stages = nn.ModuleList(
-            EncoderStage(widths[max(j - 1, 0)], widths[j], config.layers_per_block, groups)
-            for j in range(NUM_STAGES)
-        )
-        self.exits = nn.ModuleDict(
-            {
-                str(ratio): ExitHead(
-                    widths[_stage_of(ratio) - 1],
-                    config.latent_channels,
-                    groups,
-                    ratio in config.attention_ratios,
-                    config.trunk_shortcuts,
-                )
-                for ratio in RATIOS
-            }
-        )
-        self.latent_channels = config.latent_channels
-        self.pixel_shortcut = build_pixel_shortcut(
-            config.pixel_shortcut, config.latent_channels, config.in_channels
-        )
-        for head in self.exits.values():
-            # A new model's posterior starts narrow (std e^-4): with unit noise on every latent the
-            # first hundreds of steps only learn to shrink it. With a pixel shortcut the learned
-            # mean starts at zero too, so a new model's latent is exactly the shortcut's.
-            nn.init.constant_(head.conv_out.bias[config.latent_channels :], INITIAL_LOGVAR)
-            if self.pixel_shortcut is not None:
-                nn.init.zeros_(head.conv_out.weight[: config.latent_channels])
-                nn.init.zeros_(head.conv_out.bias[: config.latent_channels])
-        self.gradient_checkpointing = False
-
-    def forward(self, x: torch.Tensor, counts: dict[int, int]) -> dict[int, torch.Tensor]:
-        """Encode a batch sorted by ratio.
-
-        Args:
-            x: ``(B, 3, H, W)``, H and W multiples of 32, the first ``counts[8]`` images to exit at
-                8x, the next ``counts[16]`` at 16x, the rest at 32x.
-            counts: images per ratio (missing ratios count 0).
-
-        Returns:
-            moments ``(n_r, 2 * latent_channels, H/r, W/r)`` per ratio with ``n_r > 0``. Each
-            image runs through the trunk only as deep as its ratio needs.
-        """
-        h, pixels = self.conv_in(x), x
-        moments: dict[int, torch.Tensor] = {}
-        for index, stage in enumerate(self.stages, start=1):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                before, h = checkpoint(stage, h, use_reentrant=False)
-            else:
-                before, h = stage(h)
-            ratio = 2**index
-            exiting = counts.get(ratio, 0)
-            if exiting:
-                moments[ratio] = self.exits[str(ratio)](before[:exiting], h[:exiting])
-                if self.pixel_shortcut is not None:
-                    mean, logvar = moments[ratio].chunk(2, dim=1)
-                    shortcut = self.pixel_shortcut.encode(pixels[:exiting], ratio)
-                    mean = mean + shortcut.to(mean.dtype)  # keep autocast's dtype
-                    moments[ratio] = torch.cat([mean, logvar], dim=1)
-                h, pixels = h[exiting:], pixels[exiting:]
-            if h.shape[0] == 0:
-                break
-        return moments
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder
-
-
-class EntryHead(nn.Module):
-    """Lifts a latent into decoder features, plus the parameter-free shortcut for the next resolution."""
-
-    def __init__(
-        self, latent_channels: int, width: int, norm_num_groups: int, attention: bool, shortcut: bool = True
-    ):
-        super().__init__()
-        self.width = width
-        self.shortcut = shortcut
-        self.conv_in = nn.Conv2d(latent_channels, width, kernel_size=3, padding=1)
-        self.block = ResnetBlock(width, width, norm_num_groups)
-        self.attention = SelfAttention(width, norm_num_groups) if attention else None
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return features ``(B, width, h, w)`` and the shortcut ``(B, width, 2h, 2w)`` (or ``None``)."""
-        h = self.block(self.conv_in(z))
-        if self.attention is not None:
-            h = self.attention(h)
-        return h, channel_repeat_to_space(z, self.width, factor=2) if self.shortcut else None
-
-
-class DecoderStage(nn.Module):
-    """2x upsample (adding an entry's shortcut, if any), then ``num_blocks`` ResNet blocks."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, norm_num_groups: int):
-        super().__init__()
-        self.upsample = Upsample(in_channels)
-        self.blocks = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_num_groups)
-            for i in range(num_blocks)
-        )
-
-    def forward(self, h: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.upsample(h)
-        if shortcut is not None:
-            h = h + shortcut
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
-class Decoder(nn.Module):
-    """Per-ratio entries that join one shared upsampling trunk and a shared ``conv_out``."""
-
-    def __init__(self, config: NestedVAEConfig):
-        super().__init__()
-        widths, groups = config.widths, config.norm_num_groups
-        self.entries = nn.ModuleDict(
-            {
-                str(ratio): EntryHead(
-                    config.latent_channels,
-                    config.decoder_input_width(_stage_of(ratio)),
-                    groups,
-                    ratio in config.attention_ratios,
-                    config.trunk_shortcuts,
-                )
-                for ratio in RATIOS
-            }
-        )
-        self.stages = nn.ModuleList(
-            DecoderStage(config.decoder_input_width(j + 1), widths[j], config.layers_per_block + 1, groups)
-            for j in range(NUM_STAGES)
-        )
-        self.norm_out = nn.GroupNorm(groups, widths[0], eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(widths[0], config.out_channels, kernel_size=3, padding=1)
-        self.out_channels = config.out_channels
-        self.pixel_shortcut = build_pixel_shortcut(
-            config.pixel_shortcut, config.latent_channels, config.out_channels
-        )
-        if self.pixel_shortcut is not None:
-            # Zero-init the learned output so a new model starts as the exact shortcut projection
-            # (already ~21 dB at 8x) instead of the shortcut plus noise that training must undo.
-            nn.init.zeros_(self.conv_out.weight)
-            nn.init.zeros_(self.conv_out.bias)
-        self.gradient_checkpointing = False
-
-    def forward(self, latents: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Decode latents of one image size given per ratio.
-
-        Returns:
-            images ``(sum n_r, 3, H, W)`` ordered deepest ratio first (32x, then 16x, then 8x):
-            each group joins the shared trunk at its entry stage, after the deeper ones.
-        """
-        h: torch.Tensor | None = None
-        for index in range(NUM_STAGES, 0, -1):
-            ratio = 2**index
-            shortcut = None
-            if ratio in latents:
-                entered, entry_shortcut = self.entries[str(ratio)](latents[ratio])
-                if h is None:
-                    h, shortcut = entered, entry_shortcut
-                elif entry_shortcut is None:
-                    h = torch.cat([h, entered])
-                else:
-                    # Images already in the trunk get no shortcut at this stage.
-                    passing = entry_shortcut.new_zeros((h.shape[0], *entry_shortcut.shape[1:]))
-                    h, shortcut = torch.cat([h, entered]), torch.cat([passing, entry_shortcut])
-            if h is None:
-                continue
-            stage = self.stages[index - 1]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(stage, h, shortcut, use_reentrant=False)
-            else:
-                h = stage(h, shortcut)
-        assert h is not None, "Decoder.forward needs at least one latent"
-        images = self.conv_out(F.silu(self.norm_out(h)))
-        if self.pixel_shortcut is not None:
-            deepest_first = sorted(latents, reverse=True)
-            shortcut = torch.cat([self.pixel_shortcut.decode(latents[r], r) for r in deepest_first])
-            images = images + shortcut.to(images.dtype)
-        return images
-
-
-# ---------------------------------------------------------------------------------------------
-# Public model
-
-
-RatioArg = int | Sequence[int]
-
-
-def _check_ratio(ratio: int) -> int:
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio not in RATIOS:
-        raise ValueError(f"ratio must be one of {RATIOS}, got {ratio!r}")
-    return ratio
-
-
-def _per_sample_ratios(ratio: RatioArg, batch: int) -> tuple[list[int], bool]:
-    """Ratios per image and whether the caller gave a per-sample list."""
-    if isinstance(ratio, int) and not isinstance(ratio, bool):
-        return [_check_ratio(ratio)] * batch, False
-    if isinstance(ratio, torch.Tensor):
-        ratio = ratio.tolist()
-    if not isinstance(ratio, Sequence) or isinstance(ratio, str):
-        raise ValueError(f"ratio must be an int in {RATIOS} or a list of them, got {type(ratio).__name__}")
-    ratios = [_check_ratio(r) for r in ratio]
-    if len(ratios) != batch:
-        raise ValueError(f"got {len(ratios)} ratios for a batch of {batch} images")
-    return ratios, True
-
-
-def _check_images(x: torch.Tensor, in_channels: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_channels:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected images of shape (B, {in_channels}, H, W), got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"expected floating-point images in [-1, 1], got dtype {x.dtype}")
-    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"got an empty image batch {tuple(x.shape)}")
-    low, high = x.detach().aminmax()
-    if not torch.isfinite(low) or not torch.isfinite(high):
-        raise ValueError("images contain NaN or infinite values")
-    # Resampling overshoots [-1, 1] a little; 0..255 or 0..1-then-shifted mistakes go far beyond.
-    if low < -1.5 or high > 1.5:
-        raise ValueError(
-            f"images must be in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}] "
-            "(convert with cat_tokenizer.images.pil_to_tensor)"
-        )
-
-
-def reflect_pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, Padding]:
-    """Reflect-pad the bottom and right of ``x`` so height and width are multiples of ``multiple``.
-
-    Reflection needs the pad to be smaller than the size, so tiny images are reflected in several
-    rounds (a 1-pixel side is replicated).
-    """
-    height, width = x.shape[-2:]
-    padding = Padding(bottom=-height % multiple, right=-width % multiple)
-    bottom, right = padding
-    while bottom or right:
-        height, width = x.shape[-2:]
-        step_bottom, step_right = min(bottom, height - 1), min(right, width - 1)
-        if (bottom and step_bottom == 0) or (right and step_right == 0):
-            x = F.pad(x, (0, right, 0, bottom), mode="replicate")
-            break
-        x = F.pad(x, (0, step_right, 0, step_bottom), mode="reflect")
-        bottom, right = bottom - step_bottom, right - step_right
-    return x, padding
-
-
-def _low_precision(x: torch.Tensor) -> bool:
-    device = x.device.type
-    autocast_low = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (
-        torch.float16,
-        torch.bfloat16,
-    )
-    return autocast_low or x.dtype in (torch.float16, torch.bfloat16)
-
-
-def _all_finite(result: torch.Tensor | dict[Any, torch.Tensor]) -> bool:
-    tensors = result.values() if isinstance(result, dict) else [result]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class NestedVAE(nn.Module):
@@ -664,7 +168,7 @@ class NestedVAE(nn.Module):
     @staticmethod
     def latent_size(height: int, width: int, ratio: int) -> tuple[int, int]:
         """Latent ``(h, w)`` for an image of ``height x width`` (padded up to multiples of 32)."""
-        _check_ratio(ratio)
+        check_ratio(ratio)
         return _latent_size(height, width, ratio)
 
     # -- precision guard -------------------------------------------------------------------------
@@ -672,7 +176,7 @@ class NestedVAE(nn.Module):
     def _upcast_guarded(self, fn: Callable[[Any], Any], inputs: Any, reference: torch.Tensor) -> Any:
         """Run ``fn(inputs)``; under low precision, redo it in float32 if the result is not finite."""
         result = fn(inputs)
-        if self.upcast_on_overflow and _low_precision(reference) and not _all_finite(result):
+        if self.upcast_on_overflow and is_low_precision(reference) and not all_finite(result):
             self.upcast_fallbacks += 1
             logger.info("NestedVAE: non-finite result in low precision, recomputing in float32")
             as_float = (
@@ -721,8 +225,8 @@ class NestedVAE(nn.Module):
         Returns:
             :class:`EncoderOutput`; for a ratio list ``latent_dist`` is a per-image list in input order.
         """
-        _check_images(x, self.config.in_channels)
-        ratios, per_sample = _per_sample_ratios(ratio, x.shape[0])
+        check_images(x, self.config.in_channels)
+        ratios, per_sample = per_sample_ratios(ratio, x.shape[0])
         padded, padding = reflect_pad_to_multiple(x)
         # Sort by ratio so each group leaves the shared trunk at its exit as one contiguous slice.
         order = sorted(range(len(ratios)), key=lambda i: ratios[i])
@@ -798,10 +302,10 @@ class NestedVAE(nn.Module):
                 raise ValueError(
                     "a latent tensor needs an int ratio; pass a list of latents for per-sample ratios"
                 )
-            items, ratios = [z], [_check_ratio(ratio)]
+            items, ratios = [z], [check_ratio(ratio)]
         else:
             items = list(z)
-            ratios, _ = _per_sample_ratios(ratio, len(items))
+            ratios, _ = per_sample_ratios(ratio, len(items))
         if not items:
             raise ValueError("decode got no latents")
         decoded_size = None

@@ -826,7 +826,11 @@ def _export_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``cat-train``: exit codes and error lines follow :mod:`cat_foundations.cli` (0 done, 1 fatal)."""
-    return run_cli("cat-train", lambda: _main(argv), interrupted="interrupted (rerun with --resume=latest to continue from the last checkpoint)")
+    return run_cli(
+        "cat-train",
+        lambda: _main(argv),
+        interrupted="interrupted (rerun with --resume=latest to continue from the last checkpoint)",
+    )
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -47,7 +47,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
+from cat_foundations.atomic import atomic_write_bytes, atomic_write_text
 from cat_foundations.ratios import PAD_MULTIPLE, RATIOS
 from cat_foundations.ratios import latent_size as _latent_size
 
@@ -379,15 +382,18 @@ class NestedVAE(nn.Module):
     # -- save / load -----------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
-        from safetensors.torch import save_file
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
 
+        Each file is written atomically (:func:`cat_foundations.atomic.atomic_write_bytes`): a
+        reader sees the old file or the whole new one. The weights go last, so a directory whose
+        weights are complete also has its config.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors(state, metadata={"format": "pt"}))
         return directory
 
     @classmethod
@@ -410,7 +416,6 @@ class NestedVAE(nn.Module):
             CheckpointError: the config is invalid or the weights have missing, unexpected or
                 mis-shaped tensors (all named).
         """
-        from safetensors.torch import load_file
 
         directory = DEFAULT_WEIGHTS_DIR if str(name_or_path) == "default" else Path(name_or_path)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

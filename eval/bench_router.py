@@ -26,6 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the vLLM virtualenv runs this file without the project installed
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402  (after the sys.path line above: the vLLM virtualenv needs it)
+import torch  # noqa: E402
+
+from router import load_scorer  # noqa: E402
+
+try:
+    from scipy.stats import spearmanr
+except ImportError:  # optional here: the vLLM virtualenv has no scipy (spearman() ranks with numpy)
+    spearmanr = None
+
 DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "devset" / "captions.jsonl"
 RESULTS = REPO / "eval" / "results"
 
@@ -101,11 +111,7 @@ def per_domain_table(domains: list[str], scores: list) -> dict:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:  # the vLLM virtualenv has no scipy; scores are continuous, so ties are rare
-        import numpy as np
-
+    if spearmanr is None:  # no scipy (vLLM virtualenv); scores are continuous, so ties are rare
         rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
         return float(np.corrcoef(rank_a, rank_b)[0, 1])
     return float(spearmanr(a, b).statistic)
@@ -113,8 +119,6 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def matmul_gflops(dtype, hidden: int, intermediate: int, seconds: float = 3.0) -> float:
     """Sustained GFLOP/s of this CPU on the model's MLP-shaped matmul (256 tokens), current threads."""
-    import torch
-
     x = torch.randn(256, hidden, dtype=dtype)
     w = torch.randn(hidden, intermediate, dtype=dtype)
     torch.matmul(x, w)  # warm-up
@@ -164,11 +168,7 @@ def run(args) -> dict:
     if args.limit:
         keep = stratified_sample(domains, args.limit)
         captions, domains = [captions[i] for i in keep], [domains[i] for i in keep]
-    import torch
-
     torch.set_num_threads(args.threads)
-    from router import load_scorer
-
     result = {
         "backend": args.backend,
         "model": args.model,

@@ -9,29 +9,38 @@ and device) and rewrites ``<out>/report.md`` from all sections present, with PNG
 Per-image results are cached (``--cache-dir``), so a killed run continues where it stopped and
 ``recon`` followed by ``router`` measures each image once.
 
-Exit codes (:mod:`cat_foundations.cli`, the same for every command): 0 done, 1 fatal (bad
-arguments, a missing dataset or checkpoint, ...) as one line on stderr. Files: :mod:`eval.cli_args`
-(parser), :mod:`eval.cli_report` (results.json + report.md), this module (loading + commands).
+Exit codes (:mod:`cat_foundations.cli`, the same for every command): 0 done, 2 partial (headroom:
+some images failed), 1 fatal (bad arguments, a missing dataset or checkpoint, ...) as one line on
+stderr. Files: :mod:`eval.cli_args` (parser -> the typed settings of :mod:`eval.cli_settings`; no
+``Namespace`` gets past it), :mod:`eval.cli_report` (results.json + report.md), this module
+(loading + commands).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-
-import torch
 
 from cat_foundations.cli import EXIT_OK, FatalError, run_cli
 from cat_foundations.images import pil_to_tensor, tensor_to_pil
 from cat_foundations.ratios import RATIOS
 from eval import datasets as eval_datasets
-from eval.cli_args import build_parser
+from eval.cli_args import build_parser, parse_settings
 from eval.cli_report import render_report, save_section
-from eval.engine import EvalSettings, Measurers, default_cache_dir, evaluate_dataset, reconstruct
+from eval.cli_settings import (
+    BenchSettings,
+    CommandSettings,
+    PrepareSettings,
+    ReconSettings,
+    RouterSettings,
+    SpeedSettings,
+)
+from eval.datasets import heldout_ids, read_split_file
+from eval.engine import EvalSettings, Measurers, default_cache_dir, evaluate_dataset, load_vae, reconstruct
 from eval.headroom import cmd_headroom
 from eval.metrics import FIDUnavailableError, load_inception
 from eval.recon import ADAPTIVE, CALIBRATED, FIXED_REFERENCE, build_methods, fixed_name, recon_tables
@@ -46,25 +55,13 @@ from eval.report import (
 )
 from eval.router_quality import router_quality
 from eval.speed import speed_markdown, speed_rows
-from nested_vae import NestedVAE
 from router import RoutingPolicy, load_scorer
 
-__all__ = ["build_parser", "main", "read_split_file", "render_report"]
-
-
-HELDOUT_SPLIT_NAMES = ("val", "validation", "heldout", "held_out", "test")
+# load_vae, read_split_file and heldout_ids live in eval.engine / eval.datasets; kept importable here.
+__all__ = ["build_parser", "heldout_ids", "load_vae", "main", "read_split_file", "render_report"]
 
 
 # ---- loading -------------------------------------------------------------------------------
-
-
-def load_vae(spec: str, device: str, seed: int = 0):
-    if spec == "random":
-        torch.manual_seed(seed)
-        vae = NestedVAE()
-    else:
-        vae = NestedVAE.from_pretrained(spec)
-    return vae.to(device).eval()
 
 
 def load_router(spec: str, backend: str, cache_dir: str | None = None):
@@ -80,115 +77,80 @@ def load_policy(path: str | None):
     return RoutingPolicy.load(path) if path else RoutingPolicy()
 
 
-def read_split_file(path: str | None) -> dict[str, set[str]]:
-    """Split name -> image ids, from JSON ``{name: [ids]}``, ``{id: name}``, a JSON list or a text file."""
-    if not path:
-        return {}
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return {"heldout": {line.strip() for line in text.splitlines() if line.strip()}}
-    if isinstance(data, list):
-        return {"heldout": {str(item) for item in data}}
-    if isinstance(data, dict):
-        lists = {str(k): {str(i) for i in v} for k, v in data.items() if isinstance(v, list)}
-        if lists:  # {split: [ids]}; scalar keys (seed, source, ...) are metadata
-            # A list inside another (e.g. held-out images that share a source photo with training
-            # images) also gets the difference, so numbers come "with and without" them.
-            for name, ids in list(lists.items()):
-                for other, other_ids in list(lists.items()):
-                    if other != name and other_ids and other_ids < ids:
-                        lists[f"{name} minus {other}"] = ids - other_ids
-            return lists
-        splits: dict[str, set[str]] = {}
-        for key, value in data.items():  # {image id: split name}
-            if isinstance(value, str):
-                splits.setdefault(value, set()).add(str(key))
-        if splits:
-            return splits
-    raise ValueError(
-        f"{path}: expected {{split: [image ids]}}, {{image id: split}}, a list or one id per line"
-    )
-
-
-def heldout_ids(splits: dict[str, set[str]]) -> set[str] | None:
-    for name in HELDOUT_SPLIT_NAMES:
-        if name in splits:
-            return splits[name]
-    return None
-
-
-def _samples(args, limit=None):
+def _samples(settings: BenchSettings, limit: int | None = None) -> Iterable:
+    data, run = settings.data, settings.run
     samples = eval_datasets.iter_samples(
-        args.dataset,
-        limit=limit if limit is not None else args.limit,
-        hf_id=args.hf_id,
-        config=args.hf_config,
-        split=args.split,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        data_files=args.data_files,
+        data.dataset,
+        limit=limit if limit is not None else data.limit,
+        hf_id=data.hf_id,
+        config=data.hf_config,
+        split=data.split,
+        image_column=data.image_column,
+        caption_column=data.caption_column,
+        data_files=data.data_files,
     )
-    if getattr(args, "shuffle_seed", None) is not None:
+    if run.shuffle_seed is not None:
         samples = list(samples)
-        random.Random(args.shuffle_seed).shuffle(samples)
-    shard = getattr(args, "shard", None)
-    if shard is None:
+        random.Random(run.shuffle_seed).shuffle(samples)
+    if run.shard is None:
         return samples
-    index, count = shard
+    index, count = run.shard
     return (sample for position, sample in enumerate(samples) if position % count == index)
 
 
-def _count(args) -> int | None:
+def _count(settings: BenchSettings) -> int | None:
     """Number of samples for the progress bar, when it is cheap to know (local sources)."""
-    source = eval_datasets.resolve_source(args.dataset, hf_id=args.hf_id, data_files=args.data_files)
+    data = settings.data
+    source = eval_datasets.resolve_source(data.dataset, hf_id=data.hf_id, data_files=data.data_files)
     if isinstance(source, eval_datasets.HubDatasetSpec):
-        return args.limit
-    return sum(1 for _ in _samples(args))
+        return data.limit
+    return sum(1 for _ in _samples(settings))
 
 
-def _config(args) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+def _run_record(settings: BenchSettings) -> dict:
+    """results.json's provenance block: the command line and every parsed option, as parsed."""
+    provenance = settings.provenance
+    return run_record(settings.command, dict(provenance.config), settings.run.device, list(provenance.argv))
 
 
 # ---- commands ------------------------------------------------------------------------------
 
 
-def _evaluate(args, ratios, keep_per_domain: int):
-    vae = load_vae(args.vae, args.device, args.seed)
-    scorer = load_router(args.router, args.router_backend, args.cache_dir)
+def _evaluate(settings: ReconSettings | RouterSettings, ratios, keep_per_domain: int):
+    models, run, metrics = settings.models, settings.run, settings.metrics
+    vae = load_vae(models.vae, run.device, run.seed)
+    scorer = load_router(models.router, models.router_backend, run.cache_dir)
     inception, fid_status = None, "skipped (--no-fid)"
-    if not args.no_fid:
+    if metrics.fid:
         try:
-            inception = load_inception(args.inception, args.device)
+            inception = load_inception(metrics.inception, run.device)
             fid_status = (
                 f"pt_inception-2015-12-05 via torchmetrics FrechetInceptionDistance ({inception.source})"
             )
         except FIDUnavailableError as error:
             fid_status = f"unavailable: {error}"
-    settings = EvalSettings(
-        size=args.size,
+    config = EvalSettings(
+        size=settings.data.size,
         ratios=tuple(ratios),
-        batch_size=args.batch_size,
-        device=args.device,
+        batch_size=run.batch_size,
+        device=run.device,
         fid=inception is not None,
-        effnet=not args.no_effnet,
-        lpips=not args.no_lpips,
+        effnet=metrics.effnet,
+        lpips=metrics.lpips,
     )
-    measurers = Measurers(settings, inception)
+    measurers = Measurers(config, inception)
     started = time.perf_counter()
     results, kept = evaluate_dataset(
-        _samples(args),
+        _samples(settings),
         vae,
-        settings,
+        config,
         measurers,
         scorer=scorer,
-        cache_dir=args.cache_dir,
-        total=_count(args),
+        cache_dir=run.cache_dir,
+        total=_count(settings),
         keep_images_per_domain=keep_per_domain,
-        progress=not args.no_progress,
-        cached_only=args.cached_only,
+        progress=run.progress,
+        cached_only=run.cached_only,
     )
     seconds = time.perf_counter() - started
     return vae, results, kept, measurers, fid_status, seconds, scorer
@@ -202,21 +164,25 @@ def _scorer_name(scorer) -> str:
     )
 
 
-def cmd_recon(args) -> dict:
-    fixed, adaptive = args.ratios
+def cmd_recon(settings: ReconSettings) -> dict:
+    fixed, adaptive, size = list(settings.fixed_ratios), settings.adaptive, settings.data.size
     ratios = RATIOS if adaptive else tuple(sorted(set(fixed)))
-    vae, results, kept, measurers, fid_status, seconds, scorer = _evaluate(args, ratios, args.grid_per_domain)
-    if args.shard is not None:
-        return _shard_done(args, results, seconds)
-    policy = load_policy(args.policy)
-    methods, calibrated = build_methods(results, fixed, adaptive, policy, args.size)
+    vae, results, kept, measurers, fid_status, seconds, scorer = _evaluate(
+        settings, ratios, settings.grid_per_domain
+    )
+    if settings.run.shard is not None:
+        return _shard_done(settings, results, seconds)
+    policy = load_policy(settings.models.policy)
+    methods, calibrated = build_methods(results, fixed, adaptive, policy, size)
     lpips_available = bool(measurers.lpips and measurers.lpips.available)
-    splits = read_split_file(args.split_file)
-    tables = recon_tables(results, methods, args.size, lpips_available, splits, policy if adaptive else None)
-    out = Path(args.out)
+    splits = read_split_file(settings.data.split_file)
+    tables = recon_tables(results, methods, size, lpips_available, splits, policy if adaptive else None)
+    out = settings.run.out
     out.mkdir(parents=True, exist_ok=True)
 
-    plot_rate_distortion(tables["all"], out / "rate_distortion.png", f"{args.dataset}: {len(results)} images")
+    plot_rate_distortion(
+        tables["all"], out / "rate_distortion.png", f"{settings.data.dataset}: {len(results)} images"
+    )
     shown = [fixed_name(r) for r in fixed] + ([ADAPTIVE, CALIBRATED] if adaptive else [])
     plot_domain_bars(tables, out / "per_domain.png", shown)
     grid = []
@@ -225,13 +191,13 @@ def cmd_recon(args) -> dict:
             r.id: ratio
             for r, ratio in zip(results, next((m.ratios for m in methods if m.name == ADAPTIVE), []))
         }
-        grid = grid_rows(vae, kept, ratios, routed, args.device)
+        grid = grid_rows(vae, kept, ratios, routed, settings.run.device)
         plot_reconstruction_grid(grid, out / "recon_grid.png")
 
     section = {
-        "run": run_record("recon", _config(args), args.device, args.argv),
+        "run": _run_record(settings),
         "images": len(results),
-        "size": args.size,
+        "size": size,
         "seconds": seconds,
         "router": _scorer_name(scorer),
         "lpips_status": measurers.lpips_status,
@@ -244,15 +210,15 @@ def cmd_recon(args) -> dict:
             {"id": row["id"], "domain": row["domain"], "adaptive_ratio": row["adaptive_ratio"]}
             for row in grid
         ],
-        "notes": args.notes,
+        "notes": list(settings.run.notes),
     }
     save_section(out, "recon", section)
     _print_summary(tables)
     return section
 
 
-def _shard_done(args, results, seconds: float) -> dict:
-    index, count = args.shard
+def _shard_done(settings: BenchSettings, results, seconds: float) -> dict:
+    index, count = settings.run.shard
     print(
         f"shard {index}/{count}: {len(results)} images cached in {seconds:.0f} s; "
         "run again without --shard (all shards done) to build the report"
@@ -260,24 +226,25 @@ def _shard_done(args, results, seconds: float) -> dict:
     return {"shard": [index, count], "images": len(results), "seconds": seconds}
 
 
-def cmd_prepare(args) -> dict:
+def cmd_prepare(settings: PrepareSettings) -> dict:
     """Fill the model-independent caches (original Inception features, JPEG and caption scores)."""
-    scorer = load_router(args.router, args.router_backend, args.cache_dir)
-    inception = None if args.no_fid else load_inception(args.inception, args.device)
-    settings = EvalSettings(
-        size=args.size, ratios=(), batch_size=args.batch_size, device=args.device, fid=inception is not None
-    )
-    settings.effnet = settings.lpips = False
+    models, run, metrics = settings.models, settings.run, settings.metrics
+    scorer = load_router(models.router, models.router_backend, run.cache_dir)
+    inception = None if not metrics.fid else load_inception(metrics.inception, run.device)
+    config = EvalSettings(
+        size=settings.data.size, ratios=(), batch_size=run.batch_size, device=run.device,
+        fid=inception is not None, effnet=False, lpips=False,
+    )  # fmt: skip
     started = time.perf_counter()
     results, _ = evaluate_dataset(
-        _samples(args),
+        _samples(settings),
         None,
-        settings,
-        Measurers(settings, inception),
+        config,
+        Measurers(config, inception),
         scorer=scorer,
-        cache_dir=args.cache_dir,
-        total=_count(args),
-        progress=not args.no_progress,
+        cache_dir=run.cache_dir,
+        total=_count(settings),
+        progress=run.progress,
     )
     seconds = time.perf_counter() - started
     print(
@@ -313,32 +280,32 @@ def _print_summary(tables: dict) -> None:
         print(headline_table(tables, CALIBRATED))
 
 
-def cmd_router(args) -> dict:
-    _, results, _, _, _, seconds, scorer = _evaluate(args, RATIOS, 0)
-    if args.shard is not None:
-        return _shard_done(args, results, seconds)
-    policy = load_policy(args.policy)
-    splits = read_split_file(args.split_file)
+def cmd_router(settings: RouterSettings) -> dict:
+    _, results, _, _, _, seconds, scorer = _evaluate(settings, RATIOS, 0)
+    if settings.run.shard is not None:
+        return _shard_done(settings, results, seconds)
+    policy = load_policy(settings.models.policy)
+    splits = read_split_file(settings.data.split_file)
     quality = router_quality(
         results,
         policy,
-        args.size,
-        bar_db=args.bar_db,
-        bar_psnr=args.bar_psnr,
+        settings.data.size,
+        bar_db=settings.bar_db,
+        bar_psnr=settings.bar_psnr,
         heldout_ids=heldout_ids(splits),
-        seed=args.seed,
+        seed=settings.run.seed,
     )
-    out = Path(args.out)
+    out = settings.run.out
     out.mkdir(parents=True, exist_ok=True)
     plot_score_vs_oracle(quality["per_image"], out / "router_scatter.png")
     section = {
-        "run": run_record("router", _config(args), args.device, args.argv),
+        "run": _run_record(settings),
         "images": len(results),
         "seconds": seconds,
         "router": _scorer_name(scorer),
         "policy": {"low": policy.low, "high": policy.high},
         "quality": quality,
-        "notes": args.notes,
+        "notes": list(settings.run.notes),
     }
     save_section(out, "router", section)
     rho = quality["spearman"]["all"]["caption_llm_score"]["vs_psnr_drop"]["rho"]
@@ -348,27 +315,24 @@ def cmd_router(args) -> dict:
     return section
 
 
-def cmd_speed(args) -> dict:
-    vae = load_vae(args.vae, args.device, args.seed)
-    scorer = load_router(args.router, args.router_backend, args.cache_dir)
-    samples = list(itertools.islice(_samples(args, limit=args.batch_size), args.batch_size))
+def cmd_speed(settings: SpeedSettings) -> dict:
+    models, run = settings.models, settings.run
+    vae = load_vae(models.vae, run.device, run.seed)
+    scorer = load_router(models.router, models.router_backend, run.cache_dir)
+    samples = list(itertools.islice(_samples(settings, limit=run.batch_size), run.batch_size))
     rows = speed_rows(
         vae,
         samples,
-        args.resolutions,
-        args.ratios,
+        list(settings.resolutions),
+        list(settings.ratios),
         scorer,
-        load_policy(args.policy),
-        args.repeats,
-        args.device,
+        load_policy(models.policy),
+        settings.repeats,
+        run.device,
     )
-    out = Path(args.out)
+    out = run.out
     out.mkdir(parents=True, exist_ok=True)
-    section = {
-        "run": run_record("speed", _config(args), args.device, args.argv),
-        "router": _scorer_name(scorer),
-        "rows": rows,
-    }
+    section = {"run": _run_record(settings), "router": _scorer_name(scorer), "rows": rows}
     save_section(out, "speed", section)
     print(speed_markdown(rows))
     return section
@@ -384,17 +348,16 @@ COMMANDS = {
 
 
 def _run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    settings: CommandSettings = parse_settings(argv)
     try:
-        code = COMMANDS[args.command](args)
+        code = COMMANDS[settings.command](settings)
     except (FileNotFoundError, ValueError, KeyError) as error:
-        raise FatalError(f"{args.command}: {error}") from None
+        raise FatalError(f"{settings.command}: {error}") from None
     return code if isinstance(code, int) else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``cat-bench``; returns the exit code (0 done, 1 fatal)."""
+    """``cat-bench``; returns the exit code (0 done, 2 partial, 1 fatal)."""
     return run_cli("cat-bench", lambda: _run(argv))
 
 

@@ -1,16 +1,35 @@
-"""The argparse side of ``cat-bench``: argument types, option groups and the parser.
+"""The argparse side of ``cat-bench``: argument types, option groups, the parser and the typed settings out.
 
-Bad arguments raise :class:`cat_foundations.cli.FatalError` (exit code 1, one line on stderr).
+:func:`parse_settings` is the only place a ``Namespace`` exists: it returns one of the frozen
+settings of :mod:`eval.cli_settings` (``ReconSettings``, ``RouterSettings``, ``PrepareSettings``,
+``SpeedSettings``, ``HeadroomSettings``). Bad arguments raise
+:class:`cat_foundations.cli.FatalError` (exit code 1, one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 from cat_foundations.cli import OneLineParser
 from cat_foundations.ratios import RATIOS
+from eval.cli_settings import (
+    CommandSettings,
+    DataSettings,
+    HeadroomSettings,
+    MetricSettings,
+    ModelSettings,
+    PrepareSettings,
+    Provenance,
+    ReconSettings,
+    RouterSettings,
+    RunSettings,
+    SpeedSettings,
+)
 from eval.engine import default_cache_dir
 from eval.headroom import add_headroom_arguments
 
@@ -166,3 +185,113 @@ def build_parser() -> OneLineParser:
     headroom = commands.add_parser("headroom", help="oracle allocation vs fixed 16x, with baselines")
     add_headroom_arguments(headroom)
     return parser
+
+
+# ---- Namespace -> typed settings -----------------------------------------------------------
+
+
+def parse_settings(argv: list[str] | None = None) -> CommandSettings:
+    """Parse ``cat-bench``'s command line (``None``: ``sys.argv[1:]``) into the command's settings."""
+    namespace = build_parser().parse_args(argv)
+    return settings_from_namespace(namespace, list(sys.argv[1:] if argv is None else argv))
+
+
+def settings_from_namespace(namespace: argparse.Namespace, argv: list[str]) -> CommandSettings:
+    if namespace.command == "headroom":
+        return _headroom_settings(namespace, argv)
+    namespace.argv = argv  # results.json's run.config has always listed it
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(namespace).items()}
+    common = {
+        "data": _data_settings(namespace),
+        "models": _model_settings(namespace),
+        "run": _run_settings(namespace),
+        "provenance": Provenance(argv=tuple(argv), config=MappingProxyType(config)),
+    }
+    if namespace.command == "speed":
+        return SpeedSettings(
+            **common,
+            resolutions=tuple(namespace.resolutions),
+            ratios=tuple(namespace.ratios),
+            repeats=namespace.repeats,
+        )
+    metrics = _metric_settings(namespace)
+    if namespace.command == "recon":
+        fixed, adaptive = namespace.ratios
+        return ReconSettings(
+            **common,
+            metrics=metrics,
+            fixed_ratios=tuple(fixed),
+            adaptive=adaptive,
+            grid_per_domain=namespace.grid_per_domain,
+        )
+    if namespace.command == "router":
+        return RouterSettings(**common, metrics=metrics, bar_db=namespace.bar_db, bar_psnr=namespace.bar_psnr)
+    return PrepareSettings(**common, metrics=metrics)
+
+
+def _data_settings(namespace: argparse.Namespace) -> DataSettings:
+    return DataSettings(
+        dataset=namespace.dataset,
+        limit=namespace.limit,
+        size=namespace.size,
+        hf_id=namespace.hf_id,
+        hf_config=namespace.hf_config,
+        split=namespace.split,
+        image_column=namespace.image_column,
+        caption_column=namespace.caption_column,
+        data_files=namespace.data_files,
+        split_file=namespace.split_file,
+    )
+
+
+def _model_settings(namespace: argparse.Namespace) -> ModelSettings:
+    return ModelSettings(
+        vae=namespace.vae,
+        router=namespace.router,
+        router_backend=namespace.router_backend,
+        policy=namespace.policy,
+    )
+
+
+def _run_settings(namespace: argparse.Namespace) -> RunSettings:
+    return RunSettings(
+        out=Path(namespace.out),
+        cache_dir=namespace.cache_dir,
+        device=namespace.device,
+        batch_size=namespace.batch_size,
+        shard=namespace.shard,
+        seed=namespace.seed,
+        shuffle_seed=namespace.shuffle_seed,
+        cached_only=namespace.cached_only,
+        progress=not namespace.no_progress,
+        notes=tuple(namespace.notes),
+    )
+
+
+def _metric_settings(namespace: argparse.Namespace) -> MetricSettings:
+    return MetricSettings(
+        fid=not namespace.no_fid,
+        inception=namespace.inception,
+        effnet=not namespace.no_effnet,
+        lpips=not namespace.no_lpips,
+    )
+
+
+def _headroom_settings(namespace: argparse.Namespace, argv: list[str]) -> HeadroomSettings:
+    return HeadroomSettings(
+        dataset=namespace.dataset,
+        out=Path(namespace.out),
+        vae=namespace.vae,
+        size=namespace.size,
+        split_file=namespace.split_file,
+        only_split=namespace.only_split,
+        limit=namespace.limit,
+        budget=namespace.budget,
+        cache_dir=namespace.cache_dir,
+        device=namespace.device,
+        batch_size=namespace.batch_size,
+        lpips=not namespace.no_lpips,
+        progress=not namespace.no_progress,
+        argv=tuple(argv),
+        notes=tuple(namespace.notes),
+    )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -350,3 +351,47 @@ def iter_samples(dataset: str, limit: int | None = None, **overrides) -> Iterato
     if source[0] == "jsonl":
         return iter_captions_jsonl(source[1], limit=limit)
     return iter_image_folder(source[1], limit=limit)
+
+
+# ---- splits (--split-file) -------------------------------------------------------------------
+
+HELDOUT_SPLIT_NAMES = ("val", "validation", "heldout", "held_out", "test")
+
+
+def read_split_file(path: str | None) -> dict[str, set[str]]:
+    """Split name -> image ids, from JSON ``{name: [ids]}``, ``{id: name}``, a JSON list or a text file."""
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {"heldout": {line.strip() for line in text.splitlines() if line.strip()}}
+    if isinstance(data, list):
+        return {"heldout": {str(item) for item in data}}
+    if isinstance(data, dict):
+        lists = {str(k): {str(i) for i in v} for k, v in data.items() if isinstance(v, list)}
+        if lists:  # {split: [ids]}; scalar keys (seed, source, ...) are metadata
+            # A list inside another (e.g. held-out images that share a source photo with training
+            # images) also gets the difference, so numbers come "with and without" them.
+            for name, ids in list(lists.items()):
+                for other, other_ids in list(lists.items()):
+                    if other != name and other_ids and other_ids < ids:
+                        lists[f"{name} minus {other}"] = ids - other_ids
+            return lists
+        splits: dict[str, set[str]] = {}
+        for key, value in data.items():  # {image id: split name}
+            if isinstance(value, str):
+                splits.setdefault(value, set()).add(str(key))
+        if splits:
+            return splits
+    raise ValueError(
+        f"{path}: expected {{split: [image ids]}}, {{image id: split}}, a list or one id per line"
+    )
+
+
+def heldout_ids(splits: dict[str, set[str]]) -> set[str] | None:
+    for name in HELDOUT_SPLIT_NAMES:
+        if name in splits:
+            return splits[name]
+    return None

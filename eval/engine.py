@@ -37,6 +37,7 @@ from cat_foundations.images import pil_to_tensor
 from cat_foundations.ratios import RATIOS
 from eval.datasets import EvalSample
 from eval.metrics import DeepFeatureDistance, LPIPSMetric, psnr_per_image, ssim_per_image, to_uint8
+from nested_vae import NestedVAE
 from router import image_complexity_score, routing_score
 from router.fallback import jpeg_bits_per_pixel
 
@@ -48,6 +49,16 @@ def default_cache_dir() -> Path:
     if os.environ.get("CAT_BENCH_CACHE"):
         return Path(os.environ["CAT_BENCH_CACHE"])
     return cache_root() / "bench"
+
+
+def load_vae(spec: str, device: str, seed: int = 0):
+    """The VAE under test: 'default', a checkpoint directory, or 'random' (untrained, seeded)."""
+    if spec == "random":
+        torch.manual_seed(seed)
+        vae = NestedVAE()
+    else:
+        vae = NestedVAE.from_pretrained(spec)
+    return vae.to(device).eval()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -115,7 +126,9 @@ class ImageResult:
 
     def router_score(self) -> float:
         """The score routing uses (:func:`router.routing_score`): the caption LLM's, else the JPEG score."""
-        return routing_score(self.caption_score["score"] if self.caption_score else None, image_score=self.jpeg_score)
+        return routing_score(
+            self.caption_score["score"] if self.caption_score else None, image_score=self.jpeg_score
+        )
 
 
 @dataclass
@@ -285,7 +298,9 @@ def _lookup(batch, settings: EvalSettings, model_cache: ResultCache, original_ca
 def _only_cached(batch, cached_recon, cached_original):
     """The items of a batch whose results are all cached (``cached_only``)."""
     keep = [r is not None and o is not None for r, o in zip(cached_recon, cached_original)]
-    return tuple([item for item, k in zip(column, keep) if k] for column in (batch, cached_recon, cached_original))
+    return tuple(
+        [item for item, k in zip(column, keep) if k] for column in (batch, cached_recon, cached_original)
+    )
 
 
 def _fill_originals(batch, images, cached_original, measurers, settings, original_cache) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,41 +29,18 @@ import torch
 
 from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL
 from cat_foundations.ratios import RATIOS, tokens_for
-from eval.engine import EvalSettings, Measurers, evaluate_dataset
+from eval.cli_settings import HeadroomSettings
+from eval.datasets import iter_samples, read_split_file
+from eval.engine import EvalSettings, Measurers, evaluate_dataset, load_vae
 from eval.oracle import COARSE_FIRST, oracle_row
 from eval.report import _pyplot, run_record, write_json
 from nested_vae.model import DEFAULT_WEIGHTS_DIR, reflect_pad_to_multiple
 from nested_vae.shortcuts import PixelShortcut, build_pixel_shortcut
 
+__all__ = ["HeadroomSettings", "add_headroom_arguments", "cmd_headroom", "measure", "run_headroom"]
+
 CODECS = ("model", "own_shortcut", "bicubic")
 METRICS = ("psnr", "ssim", "lpips")
-
-
-@dataclass
-class HeadroomSettings:
-    """What one ``cat-bench headroom`` run measures (built from the CLI by :meth:`from_args`)."""
-
-    dataset: str
-    out: Path
-    vae: str = "default"
-    size: int = 256
-    split_file: str | None = None
-    only_split: str | None = None
-    limit: int | None = None
-    budget: float | None = None  # mean tokens per image; None: fixed 16x's
-    cache_dir: str | None = None
-    device: str = "cpu"
-    batch_size: int = 8
-    lpips: bool = True
-    progress: bool = True
-    argv: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> HeadroomSettings:
-        names = [f for f in cls.__dataclass_fields__ if f not in ("out", "lpips", "progress")]
-        values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-        return cls(out=Path(args.out), lpips=not args.no_lpips, progress=not args.no_progress, **values)
 
 
 def add_headroom_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,9 +101,6 @@ def checkpoint_record(spec: str) -> dict:
 
 def select_samples(settings: HeadroomSettings) -> tuple[list, list[dict], dict[str, set[str]]]:
     """The samples to measure (split applied, unloadable images dropped), the failures, the splits."""
-    from eval.cli import read_split_file
-    from eval.datasets import iter_samples
-
     samples = list(iter_samples(settings.dataset))
     splits = read_split_file(settings.split_file)
     if settings.only_split:
@@ -380,8 +353,6 @@ def render_report(results: dict) -> str:
 
 
 def run_headroom(settings: HeadroomSettings) -> dict:
-    from eval.cli import load_vae
-
     vae = load_vae(settings.vae, settings.device)
     samples, failures, splits = select_samples(settings)
     rows, lpips_status = measure(settings, samples, vae)
@@ -408,9 +379,11 @@ def run_headroom(settings: HeadroomSettings) -> dict:
     return results
 
 
-def cmd_headroom(args: argparse.Namespace) -> int:
-    """Exit code: 0 done, 2 partial (some images failed, recorded); a fatal error raises (``run_cli``: 1)."""
-    results = run_headroom(HeadroomSettings.from_args(args))
+def cmd_headroom(settings: HeadroomSettings) -> int:
+    """Exit code: 0 done, 2 partial (some images failed, recorded); a fatal error raises (``run_cli``: 1).
+
+    ``settings`` come from the parser edge (:func:`eval.cli_args.parse_settings`)."""
+    results = run_headroom(settings)
     print("\n".join(ratio_table(results["groups"]["all"])))
     print("\n".join(oracle_table({"all": results["groups"]["all"]})))
     return EXIT_PARTIAL if results["failures"] else EXIT_OK

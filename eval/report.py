@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cat_foundations.atomic import atomic_write_text
 from cat_foundations.ratios import RATIOS
@@ -63,8 +64,6 @@ def git_state(directory: Path = REPO_ROOT) -> dict:
 
 
 def device_info(device: str) -> dict:
-    import torch
-
     info = {"device": device, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -123,6 +122,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def _pyplot():
+    # Lazy on purpose: matplotlib is heavy (font cache, backends) and only plotting needs it.
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

@@ -29,8 +29,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.stats import rankdata
 
 from cat_foundations.cache import find_cached
+from router import load_scorer
+from router.policy import RoutingPolicy, tokens_for
+from router.scores import (
+    FLAG_QUERIES,
+    PROMPT_VERSION,
+    CombinationRule,
+    clean_caption,
+    expected_rating,
+    logit,
+    make_score,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "devset" / "captions.jsonl"
@@ -68,8 +82,6 @@ def read_devset(captions_path: Path, split_path: Path) -> list[dict]:
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3) -> tuple[np.ndarray, float]:
     """Weights and intercept minimising mean log-loss + l2/2 * |w|^2 (intercept not penalised)."""
-    from scipy.optimize import minimize
-
     x = np.asarray(features, dtype=float)
     y = np.asarray(labels, dtype=float)
 
@@ -91,8 +103,6 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3) -> 
 
 def fit_rule(raw: list[tuple[list[float], dict[str, float]]], domains: list[str]):
     """Fit a CombinationRule (see the module docstring) on raw scores and their domains."""
-    from router.scores import FLAG_QUERIES, CombinationRule, expected_rating, logit
-
     domains = np.array(domains)
     calibration = {}
     for flag in FLAG_QUERIES:
@@ -101,7 +111,10 @@ def fit_rule(raw: list[tuple[list[float], dict[str, float]]], domains: list[str]
         calibration[flag] = (round(float(w[0]), 4), round(b, 4))
     partial = CombinationRule(flag_lifts={}, flag_calibration=calibration)
     features = np.array(
-        [[expected_rating(dist), *(partial.calibrate_flags(flags)[f] for f in FLAG_QUERIES)] for dist, flags in raw]
+        [
+            [expected_rating(dist), *(partial.calibrate_flags(flags)[f] for f in FLAG_QUERIES)]
+            for dist, flags in raw
+        ]
     )
     w, b = fit_logistic(features, np.isin(domains, SENSITIVE))
     if w[0] <= 0:
@@ -110,14 +123,15 @@ def fit_rule(raw: list[tuple[list[float], dict[str, float]]], domains: list[str]
             "so lifts in rating units are undefined"
         )
     lifts = {flag: round(float(w[i + 1] / w[0]), 3) for i, flag in enumerate(FLAG_QUERIES)}
-    details = {"flag_calibration": calibration, "sensitive_classifier": {"weights": w.tolist(), "intercept": b}}
+    details = {
+        "flag_calibration": calibration,
+        "sensitive_classifier": {"weights": w.tolist(), "intercept": b},
+    }
     return CombinationRule(flag_lifts=lifts, flag_calibration=calibration), details
 
 
 def auc(values: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve (probability a positive outranks a negative; ties count half)."""
-    from scipy.stats import rankdata
-
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = positive.sum(), (~positive).sum()
     if n_pos == 0 or n_neg == 0:
@@ -128,8 +142,6 @@ def auc(values: np.ndarray, positive: np.ndarray) -> float:
 
 def summarize(records: list[dict], raw: list, rule) -> dict:
     """Per split: per-domain means of score/rating/calibrated flags, the order check, flag AUCs."""
-    from router.scores import make_score
-
     scores = [make_score(dist, flags, rule) for dist, flags in raw]
     subsets = {
         "all": [True] * len(records),
@@ -150,7 +162,10 @@ def summarize(records: list[dict], raw: list, rule) -> dict:
                 "n": len(members),
                 "score": round(float(np.mean([s.score for s in members])), 3),
                 "rating": round(float(np.mean([s.rating for s in members])), 3),
-                **{f"p_{f}": round(float(np.mean([s.flags[f] for s in members])), 3) for f in members[0].flags},
+                **{
+                    f"p_{f}": round(float(np.mean([s.flags[f] for s in members])), 3)
+                    for f in members[0].flags
+                },
             }
         sensitive_min = min(table[d]["score"] for d in SENSITIVE if d in table)
         plain_max = max(table[d]["score"] for d in PLAIN if d in table)
@@ -212,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "router_domains.json")
     args = parser.parse_args(argv)
 
-    import torch
-
     torch.set_num_threads(args.threads)
-    from router import load_scorer
-    from router.scores import PROMPT_VERSION, CombinationRule, clean_caption
 
     records = read_devset(args.captions, args.split)
     captions = [clean_caption(r["caption"]) for r in records]
@@ -229,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_id": scorer.model_id,
         "prompt_version": PROMPT_VERSION,
         "captions_file": str(args.captions),
-        "split_file": str(args.split.relative_to(REPO)) if args.split.is_relative_to(REPO) else str(args.split),
+        "split_file": str(args.split.relative_to(REPO))
+        if args.split.is_relative_to(REPO)
+        else str(args.split),
         "command": "python -m eval.router_domains " + " ".join(sys.argv[1:] if argv is None else argv),
         "rules": {},
     }
@@ -241,32 +254,27 @@ def main(argv: list[str] | None = None) -> int:
             "rule": rule.to_dict(),
             "summary": summarize(records, before, rule),
         }
-        print_table(f"before: prompt {BEFORE_VERSION}, raw flags, prior lifts", result["rules"]["before"]["summary"])
+        print_table(
+            f"before: prompt {BEFORE_VERSION}, raw flags, prior lifts", result["rules"]["before"]["summary"]
+        )
 
     prior = CombinationRule(flag_lifts=dict(BEFORE_RULE["flag_lifts"]), flag_calibration={})
-    result["rules"]["prior_uncalibrated"] = {"rule": prior.to_dict(), "summary": summarize(records, raw, prior)}
-    print_table(f"prompt {PROMPT_VERSION}, raw flags, prior lifts", result["rules"]["prior_uncalibrated"]["summary"])
+    result["rules"]["prior_uncalibrated"] = {
+        "rule": prior.to_dict(),
+        "summary": summarize(records, raw, prior),
+    }
+    print_table(
+        f"prompt {PROMPT_VERSION}, raw flags, prior lifts", result["rules"]["prior_uncalibrated"]["summary"]
+    )
 
     default = CombinationRule()
     result["rules"]["default"] = {"rule": default.to_dict(), "summary": summarize(records, raw, default)}
-    print_table(f"prompt {PROMPT_VERSION}, CombinationRule() as shipped", result["rules"]["default"]["summary"])
+    print_table(
+        f"prompt {PROMPT_VERSION}, CombinationRule() as shipped", result["rules"]["default"]["summary"]
+    )
 
     if args.fit:
-        train = [i for i, r in enumerate(records) if r["split"] == "train"]
-        fitted, details = fit_rule([raw[i] for i in train], [records[i]["domain"] for i in train])
-        result["rules"]["fitted_on_train"] = {
-            "rule": fitted.to_dict(),
-            "fit": {"captions": len(train), **details},
-            "summary": summarize(records, raw, fitted),
-        }
-        print_table(f"prompt {PROMPT_VERSION}, rule fitted on train", result["rules"]["fitted_on_train"]["summary"])
-        print(f"  fitted rule: {json.dumps(fitted.to_dict())}")
-        from router.policy import RoutingPolicy, tokens_for
-
-        train_scores = [make_final(raw[i], fitted) for i in train]
-        policy = RoutingPolicy.calibrate(train_scores, target_mean_tokens=tokens_for(16, 256), image_size=256)
-        result["rules"]["fitted_on_train"]["policy_fixed16_budget_on_train"] = {"low": policy.low, "high": policy.high}
-        print(f"  thresholds for the fixed-16x budget on train: low={policy.low:.3f} high={policy.high:.3f}")
+        result["rules"]["fitted_on_train"] = fit_section(records, raw)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -274,9 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_final(raw_item, rule) -> float:
-    from router.scores import expected_rating
+def fit_section(records: list[dict], raw: list) -> dict:
+    """``--fit``: the rule fitted on the train split, its summary and the fixed-16x thresholds on train."""
+    train = [i for i, r in enumerate(records) if r["split"] == "train"]
+    fitted, details = fit_rule([raw[i] for i in train], [records[i]["domain"] for i in train])
+    section = {
+        "rule": fitted.to_dict(),
+        "fit": {"captions": len(train), **details},
+        "summary": summarize(records, raw, fitted),
+    }
+    print_table(f"prompt {PROMPT_VERSION}, rule fitted on train", section["summary"])
+    print(f"  fitted rule: {json.dumps(fitted.to_dict())}")
+    train_scores = [make_final(raw[i], fitted) for i in train]
+    policy = RoutingPolicy.calibrate(train_scores, target_mean_tokens=tokens_for(16, 256), image_size=256)
+    section["policy_fixed16_budget_on_train"] = {
+        "low": policy.low,
+        "high": policy.high,
+    }
+    print(f"  thresholds for the fixed-16x budget on train: low={policy.low:.3f} high={policy.high:.3f}")
+    return section
 
+
+def make_final(raw_item, rule) -> float:
     dist, flags = raw_item
     return rule.combine(expected_rating(dist), flags)
 

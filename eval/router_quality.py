@@ -93,12 +93,16 @@ def _correlations(results: Sequence[ImageResult], predictors: dict, difficulty, 
 def _oracle_fitted(results, name: str, scores, oracle, size: int, heldout_ids, routing: dict) -> dict:
     """Thresholds fitted to the oracle (in-sample, and train -> held-out when a split is given)."""
     fit = RoutingPolicy.calibrate(scores, oracle_ratios=oracle)
-    routing[f"{name} (oracle-fitted, in-sample)"] = routing_scores([fit.route(s) for s in scores], oracle, size)
+    routing[f"{name} (oracle-fitted, in-sample)"] = routing_scores(
+        [fit.route(s) for s in scores], oracle, size
+    )
     if heldout_ids:
         train = [i for i, r in enumerate(results) if r.id not in heldout_ids]
         test = [i for i, r in enumerate(results) if r.id in heldout_ids]
         if train and test:
-            held = RoutingPolicy.calibrate([scores[i] for i in train], oracle_ratios=[oracle[i] for i in train])
+            held = RoutingPolicy.calibrate(
+                [scores[i] for i in train], oracle_ratios=[oracle[i] for i in train]
+            )
             routing[f"{name} (oracle-fitted on train, held-out split)"] = routing_scores(
                 [held.route(scores[i]) for i in test], [oracle[i] for i in test], size
             )

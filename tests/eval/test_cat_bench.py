@@ -173,3 +173,26 @@ def test_killed_run_resumes_from_the_per_image_cache(six_images, tiny_vae_dir, t
         iter_samples(str(six_images)), vae, settings, measurers, cache_dir=tmp_path, progress=False
     )
     assert CountingVAE.encoded == 6 * 3
+
+
+def test_the_namespace_stops_at_the_parser():
+    """cat-bench's commands get frozen typed settings; results.json's config stays argparse's."""
+    import dataclasses
+
+    from eval.cli_args import parse_settings
+    from eval.cli_settings import HeadroomSettings, ReconSettings, SpeedSettings
+
+    argv = ["recon", "--dataset", "d", "--ratios", "8,32", "--no-fid", "--note", "n", "--shard", "1/2"]
+    settings = parse_settings(argv)
+    assert isinstance(settings, ReconSettings) and settings.command == "recon"
+    assert settings.fixed_ratios == (8, 32) and not settings.adaptive and not settings.metrics.fid
+    assert settings.run.shard == (1, 2) and settings.run.notes == ("n",) and settings.run.progress
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.run.device = "x"
+    config = dict(settings.provenance.config)
+    assert config["ratios"] == [[8, 32], False] and config["shard"] == [1, 2] and config["argv"] == argv
+    assert config["no_fid"] is True and config["command"] == "recon" and config["notes"] == ["n"]
+    speed = parse_settings(["speed", "--dataset", "d", "--resolutions", "64"])
+    assert isinstance(speed, SpeedSettings) and speed.resolutions == (64,)
+    headroom = parse_settings(["headroom", "--dataset", "d", "--no-lpips"])
+    assert isinstance(headroom, HeadroomSettings) and not headroom.lpips and headroom.argv[0] == "headroom"

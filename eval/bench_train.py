@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from eval.bench_vae import peak_tensor_memory_bytes
+from nested_vae.train import Trainer, load_config
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_train.json"
 DEFAULT_DEVSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "devset" / "captions.jsonl"
@@ -52,8 +53,6 @@ PERCEPTUAL = {
 
 
 def _trainer(size: int, phase: str, variant: str, args: argparse.Namespace, workdir: Path):
-    from nested_vae.train import Trainer, load_config
-
     layout = variant.partition(":")[2]
     perceptual, options = PERCEPTUAL[args.perceptual]
     overrides = {

@@ -54,7 +54,7 @@ TARGET_32X_VS_8X = 1.15
 
 def autoencoderkl_matching(vae: NestedVAE, ratio: int):
     """diffusers AutoencoderKL with the nested VAE's widths that compresses by ``ratio``."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # optional (the bench extra) and slow to import: only here
 
     config = vae.config
     blocks = ratio.bit_length()  # AutoencoderKL downsamples len(blocks) - 1 times: 8x -> 4 blocks

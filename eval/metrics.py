@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from nested_vae.perceptual import EfficientNetFeatureDistance, LPIPSUnavailableError, load_lpips
+
 INCEPTION_FEATURES = 2048
 INCEPTION_SIZE = 299
 # Environment variable naming a local pt_inception-2015-12-05 TorchScript file.
@@ -282,8 +284,6 @@ class LPIPSMetric:
     def __init__(
         self, net: str = "vgg", backbone_weights=None, head_weights=None, device: str | torch.device = "cpu"
     ):
-        from nested_vae.perceptual import LPIPSUnavailableError, load_lpips
-
         self.name = f"lpips_{net}"
         self.label = f"LPIPS-{'VGG' if net == 'vgg' else 'Alex'} v0.1"
         self.device = torch.device(device)
@@ -319,8 +319,6 @@ class DeepFeatureDistance:
     name = "effnet_dist"
 
     def __init__(self, device: str | torch.device = "cpu"):
-        from nested_vae.perceptual import EfficientNetFeatureDistance
-
         self.device = torch.device(device)
         self.model = EfficientNetFeatureDistance().to(self.device)
 

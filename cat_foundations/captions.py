@@ -117,12 +117,16 @@ def read_captions_jsonl(path: str | Path) -> CaptionsFile:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            errors.append(CaptionError(str(path), number, f"not valid UTF-8 ({error.reason} at byte {error.start})"))
+            errors.append(
+                CaptionError(str(path), number, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+            )
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            errors.append(CaptionError(str(path), number, f"not valid JSON: {error.msg} (column {error.colno})"))
+            errors.append(
+                CaptionError(str(path), number, f"not valid JSON: {error.msg} (column {error.colno})")
+            )
             continue
         parsed = parse_caption_line(record, number)
         if isinstance(parsed, str):

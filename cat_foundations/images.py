@@ -131,7 +131,9 @@ def load_image(image) -> Image.Image:
         return _from_array(image)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image)
-    raise ImageLoadError(type(image).__name__, "unsupported image type (use a path, PIL image, numpy array or tensor)")
+    raise ImageLoadError(
+        type(image).__name__, "unsupported image type (use a path, PIL image, numpy array or tensor)"
+    )
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:  # the vLLM virtualenv runs this file without the 
 import numpy as np  # noqa: E402  (after the sys.path line above: the vLLM virtualenv needs it)
 import torch  # noqa: E402
 
+from cat_foundations.atomic import iter_json_lines  # noqa: E402
 from router import load_scorer  # noqa: E402
 
 try:
@@ -60,17 +61,13 @@ def peak_rss_mib() -> float:
 
 def read_captions(path: Path) -> tuple[list[str], list[str]]:
     captions, domains = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}:{number}: not JSON ({error})") from None
+    try:
+        for _, record in iter_json_lines(path):
             if record.get("caption"):
                 captions.append(record["caption"])
                 domains.append(record.get("domain", "all"))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     return captions, domains
 
 

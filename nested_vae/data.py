@@ -25,6 +25,7 @@ import datasets
 import torch
 from PIL import Image
 
+from cat_foundations.atomic import iter_json_lines
 from cat_foundations.captions import read_captions_jsonl
 from cat_foundations.images import load_image, pil_to_tensor
 from cat_foundations.ratios import RATIOS
@@ -140,21 +141,15 @@ def read_ratio_labels(path: str | Path) -> dict[str, int]:
             8, 16 or 32 (file and line named), or a file without any label.
     """
     labels: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            name = record.get("image", record.get("id")) if isinstance(record, dict) else None
-            ratio = record.get("ratio") if isinstance(record, dict) else None
-            if not isinstance(name, str) or ratio not in (8, 16, 32):
-                raise ValueError(
-                    f"{path}:{number}: a label needs 'image' (or 'id') and 'ratio' 8, 16 or 32, got {line.strip()[:120]}"
-                )
-            labels[Path(name).name] = ratio
+    for number, record in iter_json_lines(path):
+        name = record.get("image", record.get("id")) if isinstance(record, dict) else None
+        ratio = record.get("ratio") if isinstance(record, dict) else None
+        if not isinstance(name, str) or ratio not in RATIOS:
+            raise ValueError(
+                f"{path}:{number}: a label needs 'image' (or 'id') and 'ratio' 8, 16 or 32, "
+                f"got {json.dumps(record)[:120]}"
+            )
+        labels[Path(name).name] = ratio
     if not labels:
         raise ValueError(f"{path}: no ratio labels")
     return labels

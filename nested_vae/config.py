@@ -62,8 +62,8 @@ class NestedVAEConfig:
     latent_channels: int = 16
     norm_num_groups: int = 8
     attention_ratios: tuple[int, ...] = field(default=(16, 32))
-    pixel_shortcut: str = "blocks"
-    trunk_shortcuts: bool = True
+    pixel_shortcut: str = "smooth"
+    trunk_shortcuts: bool = False
     scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:

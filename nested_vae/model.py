@@ -434,9 +434,11 @@ class NestedVAE(nn.Module):
             raise CheckpointError(
                 f"{config_path}: line {error.lineno}: invalid JSON ({error.msg})"
             ) from error
-        # Checkpoints saved before the pixel shortcut existed were trained without it.
+        # Checkpoints saved before the pixel shortcut existed were trained without it, and those
+        # saved before trunk_shortcuts could be switched off all had them.
         if isinstance(config_data, dict):
             config_data.setdefault("pixel_shortcut", False)
+            config_data.setdefault("trunk_shortcuts", True)
         try:
             config = NestedVAEConfig.from_dict(config_data, source=str(config_path))
         except (TypeError, ValueError) as error:

@@ -68,7 +68,12 @@ def test_default_model_size_fits_the_shipping_budget():
         (dict(attention_ratios=(4,)), "not among the supported ratios"),
         (dict(base_channels=8, norm_num_groups=8, latent_channels=7), "latent_channels=7 must divide"),
         (dict(latent_channels=0), "latent_channels must be >= 1"),
-        (dict(base_channels=8, norm_num_groups=8, latent_channels=128), "for the pixel shortcut"),
+        (
+            dict(base_channels=8, norm_num_groups=8, latent_channels=128, pixel_shortcut="blocks"),
+            "for the pixel shortcut",
+        ),
+        (dict(base_channels=8, norm_num_groups=8, latent_channels=2), "smooth pixel shortcut needs"),
+        (dict(pixel_shortcut="mosaic"), "pixel_shortcut must be one of"),
     ],
 )
 def test_invalid_config_is_rejected_with_reason(overrides, message):
@@ -82,7 +87,7 @@ def test_invalid_config_is_rejected_with_reason(overrides, message):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_pixel_shortcut_adds_group_means_to_the_latent_and_repeats_them_back(ratio):
     x = images(2, 64, 96)
-    with_shortcut, without = tiny_vae(seed=3), tiny_vae(seed=3, pixel_shortcut=False)
+    with_shortcut, without = tiny_vae(seed=3, pixel_shortcut="blocks"), tiny_vae(seed=3, pixel_shortcut=False)
     without.load_state_dict(with_shortcut.state_dict())  # the same weights, only the shortcut differs
     with torch.no_grad():
         z = with_shortcut.encode(x, ratio).latent_dist.mean
@@ -91,6 +96,33 @@ def test_pixel_shortcut_adds_group_means_to_the_latent_and_repeats_them_back(rat
         # The learned output layer starts at zero: a new model decodes to the exact projection.
         decoded = with_shortcut.decode(z, ratio).sample
         torch.testing.assert_close(decoded, channel_repeat_to_space(z, 3, ratio), atol=1e-6, rtol=0)
+
+
+def test_a_new_smooth_shortcut_model_is_exactly_the_bicubic_thumbnail_codec():
+    from nested_vae.shortcuts import PixelShortcut
+
+    x = images(2, 64, 96)
+    vae = tiny_vae(seed=4, pixel_shortcut="smooth")
+    thumbnail = PixelShortcut("smooth", vae.config.latent_channels)
+    with torch.no_grad():
+        for ratio in RATIOS:
+            torch.testing.assert_close(
+                vae(x, ratio).sample, thumbnail.reconstruct(x, ratio), atol=1e-5, rtol=0
+            )
+
+
+def test_v2_checkpoint_config_loads_as_blocks_with_trunk_shortcuts(tmp_path):
+    old = tiny_vae(seed=6, pixel_shortcut="blocks", trunk_shortcuts=True)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["trunk_shortcuts"]
+    config["pixel_shortcut"] = True  # how v2 wrote it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = NestedVAE.from_pretrained(tmp_path)
+    assert (loaded.config.pixel_shortcut, loaded.config.trunk_shortcuts) == ("blocks", True)
+    x = images(1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 32).sample, old(x, 32).sample, atol=0, rtol=0)
 
 
 def test_checkpoint_saved_before_the_pixel_shortcut_loads_without_it(tmp_path):
@@ -431,9 +463,15 @@ def test_shipped_checkpoint_keeps_colour_and_orders_quality_by_ratio(devset_dir,
 
     split = json.loads((model_module.DEFAULT_WEIGHTS_DIR / "split.json").read_text())
     heldout = set(split["heldout"])
-    photos = [r for r in devset_records if r["image"].rsplit("/", 1)[-1] in heldout and r["domain"] in ("photo", "face")]
+    photos = [
+        r
+        for r in devset_records
+        if r["image"].rsplit("/", 1)[-1] in heldout and r["domain"] in ("photo", "face")
+    ]
     assert len(photos) >= 8
-    x = torch.stack([pil_to_tensor(center_crop_resize(load_image(devset_dir / r["image"]), 128)) for r in photos[:8]])
+    x = torch.stack(
+        [pil_to_tensor(center_crop_resize(load_image(devset_dir / r["image"]), 128)) for r in photos[:8]]
+    )
     vae = NestedVAE.from_pretrained("default").float().eval()
     psnr = {}
     with torch.no_grad():

@@ -209,7 +209,8 @@ def test_cat_bench_headroom_end_to_end(four_images, tiny_vae_dir, tmp_path):
     images = results["images"]
     assert [row["id"] for row in images] == [r["image"] for r in records[1:4]]
     assert results["checkpoint"]["weights_sha256"] and results["run"]["argv"][1] == "headroom"
-    assert results["own_shortcut"] == "blocks" and results["run"]["versions"]["torch"]
+    own_kind = NestedVAE.from_pretrained(tiny_vae_dir).config.pixel_shortcut  # the tiny VAE's own
+    assert results["own_shortcut"] == own_kind and results["run"]["versions"]["torch"]
 
     # Per-image numbers are the direct measurements of each codec.
     from eval.datasets import iter_samples
@@ -222,7 +223,7 @@ def test_cat_bench_headroom_end_to_end(four_images, tiny_vae_dir, tmp_path):
     for codec, model in (
         ("model", vae),
         ("bicubic", ShortcutCodec(PixelShortcut("smooth", 4))),
-        ("own_shortcut", ShortcutCodec(PixelShortcut("blocks", 4))),
+        ("own_shortcut", ShortcutCodec(PixelShortcut(own_kind, 4))),
     ):
         for ratio in COARSE_FIRST:
             direct = psnr_per_image(reconstruct(model, pixels, ratio), pixels).item()

@@ -12,7 +12,7 @@ from .shortcuts import build_pixel_shortcut, normalize_kind
 NUM_STAGES = 5
 
 
-def _stage_of(ratio: int) -> int:
+def stage_of(ratio: int) -> int:
     """Encoder stage after which ``ratio`` exits (8 -> 3, 16 -> 4, 32 -> 5)."""
     return ratio.bit_length() - 1
 
@@ -90,7 +90,7 @@ class NestedVAEConfig:
             raise ValueError(f"attention_ratios {unknown} are not among the supported ratios {RATIOS}")
         # The shortcuts average (encoder) or repeat (decoder) channel groups of equal size.
         for ratio in RATIOS:
-            stage = _stage_of(ratio)
+            stage = stage_of(ratio)
             for side, width in (
                 ("encoder", self.widths[stage - 1]),
                 ("decoder", self.decoder_input_width(stage)),

@@ -167,6 +167,12 @@ def _apply_ratio_labels(dataset, labels_file: str):
     return dataset.map(label)
 
 
+def row_image_path(row: dict) -> str:
+    """The image path of a dataset row (a path string, or an image dict with a ``path``)."""
+    image = row["image"]
+    return image["path"] if isinstance(image, dict) else image
+
+
 def _image_name(value) -> str:
     if isinstance(value, str):
         return Path(value).name
@@ -216,7 +222,7 @@ def random_crop(
 
 def _sample(row: dict, config: DataConfig, seed: int, epoch: int, position: int) -> dict:
     rng = random.Random(hash((seed, epoch, position)))
-    image = load_image(row["image"] if not isinstance(row["image"], dict) else row["image"]["path"])
+    image = load_image(row_image_path(row))
     crop = random_crop(image, config.resolution, rng, config.random_resize, config.horizontal_flip)
     ratio = row.get("ratio", NO_RATIO_LABEL)
     return {

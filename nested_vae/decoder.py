@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from cat_foundations.ratios import RATIOS
 
 from .blocks import NORM_EPS, ResnetBlock, SelfAttention, Upsample, channel_repeat_to_space
-from .config import NUM_STAGES, NestedVAEConfig, _stage_of
+from .config import NUM_STAGES, NestedVAEConfig, stage_of
 from .shortcuts import build_pixel_shortcut
 
 
@@ -65,7 +65,7 @@ class Decoder(nn.Module):
             {
                 str(ratio): EntryHead(
                     config.latent_channels,
-                    config.decoder_input_width(_stage_of(ratio)),
+                    config.decoder_input_width(stage_of(ratio)),
                     groups,
                     ratio in config.attention_ratios,
                     config.trunk_shortcuts,
@@ -84,8 +84,8 @@ class Decoder(nn.Module):
             config.pixel_shortcut, config.latent_channels, config.out_channels
         )
         if self.pixel_shortcut is not None:
-            # Zero-init the learned output so a new model starts as the exact shortcut projection
-            # (already ~21 dB at 8x) instead of the shortcut plus noise that training must undo.
+            # Zero-init the learned output so a new model starts as the exact shortcut's image
+            # instead of the shortcut plus noise that training must undo.
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = False

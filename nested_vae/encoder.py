@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from cat_foundations.ratios import RATIOS
 
 from .blocks import NORM_EPS, Downsample, ResnetBlock, SelfAttention, space_to_channel_average
-from .config import NUM_STAGES, NestedVAEConfig, _stage_of
+from .config import NUM_STAGES, NestedVAEConfig, stage_of
 from .shortcuts import build_pixel_shortcut
 
 INITIAL_LOGVAR = -8.0  # log-variance a new model's posterior starts at
@@ -72,7 +72,7 @@ class Encoder(nn.Module):
         self.exits = nn.ModuleDict(
             {
                 str(ratio): ExitHead(
-                    widths[_stage_of(ratio) - 1],
+                    widths[stage_of(ratio) - 1],
                     config.latent_channels,
                     groups,
                     ratio in config.attention_ratios,

@@ -26,7 +26,7 @@ from cat_foundations.atomic import write_jsonl
 from cat_foundations.images import center_crop_resize, load_image, pil_to_tensor
 from cat_foundations.ratios import RATIOS
 
-from .data import DataConfig, load_training_dataset
+from .data import DataConfig, load_training_dataset, row_image_path
 from .model import NestedVAE
 from .perceptual import load_lpips
 
@@ -75,8 +75,7 @@ def image_quality(vae: NestedVAE, image: torch.Tensor, bar: QualityBar, lpips=No
     batch = image.unsqueeze(0).to(next(vae.parameters()).dtype)
     quality = {}
     for ratio in RATIOS:
-        latent = vae.encode(batch, ratio).latent_dist.mode()
-        rebuilt = vae.decode(latent, ratio, output_size=image.shape[-2:]).sample.float().clamp(-1, 1)
+        rebuilt = vae(batch, ratio).sample.float().clamp(-1, 1)  # posterior mean, cropped to the input
         if bar.metric == "lpips":
             quality[ratio] = float(lpips(rebuilt, image.unsqueeze(0)))
         else:
@@ -90,7 +89,7 @@ def oracle_labels(vae: NestedVAE, data: DataConfig, bar: QualityBar, size: int =
     vae = vae.eval()
     records = []
     for row in load_training_dataset(data):
-        path = row["image"] if isinstance(row["image"], str) else row["image"]["path"]
+        path = row_image_path(row)
         image = pil_to_tensor(center_crop_resize(load_image(path), size))
         quality = image_quality(vae, image, bar, lpips)
         records.append(

@@ -1,0 +1,148 @@
+"""Per-ratio, per-channel latent statistics, stored with the tokens, and the normalisation they give.
+
+A downstream model trains on ``(latent - mean[r]) / std[r]`` where ``r`` is the image's ratio: the
+three compression paths of the nested VAE do not produce latents of the same scale, so one global
+``scaling_factor`` would leave the 32x tokens louder or quieter than the 8x ones. This is the
+convention of diffusers' ``latents_mean`` / ``latents_std``, kept once per ratio.
+
+On disk: ``latents_stats.json`` beside the shards of a ``cat-tokenize`` output folder,
+``{"8": {"mean": [...C], "std": [...C], "count": N}, "16": {...}, "32": {...}}`` (ratio keys as
+strings, JSON's only key type; ``count`` is the number of latent positions averaged). Keys that are
+not ratios are ignored, so the file can carry more later. :func:`load_or_compute_stats` reads it
+when present and otherwise computes it from the latents and writes it there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cat_foundations.atomic import atomic_write_json
+from cat_foundations.ratios import RATIOS, check_ratio
+
+from .data import LatentItem
+
+STATS_FILE = "latents_stats.json"
+MIN_STD = 1e-6  # a constant channel must not divide by zero
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """Statistics of one ratio's latents.
+
+    Args:
+        mean: per-channel mean, shape ``(C,)``.
+        std: per-channel standard deviation, shape ``(C,)``, at least :data:`MIN_STD`.
+        count: latent positions they were computed over (0 when unknown).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-ratio statistics, and the normalisation they define.
+
+    Args:
+        per_ratio: ratio -> :class:`RatioStats` (only the ratios the tokens hold).
+    """
+
+    per_ratio: dict[int, RatioStats]
+
+    def of(self, ratio: int) -> RatioStats:
+        """The statistics of ``ratio``; ``KeyError`` saying which ratios have any when absent."""
+        if ratio not in self.per_ratio:
+            raise KeyError(
+                f"no latent statistics for ratio {ratio} (the tokens hold ratios {sorted(self.per_ratio)})"
+            )
+        return self.per_ratio[ratio]
+
+    def normalize(self, latent: torch.Tensor, ratio: int) -> torch.Tensor:
+        """``(latent - mean) / std`` per channel; ``latent`` is ``(..., C, h, w)``."""
+        stats = self.of(ratio)
+        return (latent - _as_map(stats.mean, latent)) / _as_map(stats.std, latent)
+
+    def denormalize(self, latent: torch.Tensor, ratio: int) -> torch.Tensor:
+        """Inverse of :meth:`normalize`: what the VAE decodes."""
+        stats = self.of(ratio)
+        return latent * _as_map(stats.std, latent) + _as_map(stats.mean, latent)
+
+    def to_json(self) -> dict:
+        """The ``latents_stats.json`` form (see the module docstring)."""
+        return {
+            str(ratio): {"mean": s.mean.tolist(), "std": s.std.tolist(), "count": s.count}
+            for ratio, s in sorted(self.per_ratio.items())
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> LatentStats:
+        """Read the ``latents_stats.json`` form; keys that are not ratios are ignored."""
+        per_ratio = {}
+        for key, entry in value.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) in RATIOS):
+                continue
+            mean = torch.tensor(entry["mean"], dtype=torch.float32)
+            std = torch.tensor(entry["std"], dtype=torch.float32).clamp_min(MIN_STD)
+            if mean.shape != std.shape or mean.dim() != 1:
+                raise ValueError(f"ratio {key}: mean and std must be lists of one number per channel")
+            per_ratio[int(key)] = RatioStats(mean, std, int(entry.get("count", 0)))
+        if not per_ratio:
+            raise ValueError(f"no ratio entries (keys must be among {[str(r) for r in RATIOS]})")
+        return cls(per_ratio)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``latents_stats.json`` atomically."""
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentStats:
+        """Read a ``latents_stats.json``; ``ValueError`` naming the file when it is malformed."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: not a latents_stats.json ({error})") from None
+
+
+def _as_map(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` vector shaped to broadcast over ``(..., C, h, w)``."""
+    return values.to(device=like.device, dtype=like.dtype)[:, None, None]
+
+
+def compute_stats(items: Sequence[LatentItem]) -> LatentStats:
+    """Per-ratio, per-channel mean and (population) std over every latent position of ``items``."""
+    per_ratio = {}
+    for ratio in RATIOS:
+        latents = [item.latent for item in items if check_ratio(item.ratio) == ratio]
+        if not latents:
+            continue
+        # (C, positions) over all images of this ratio; float64 so large sets do not drift.
+        values = torch.cat([latent.reshape(latent.shape[0], -1) for latent in latents], dim=1).double()
+        mean = values.mean(dim=1)
+        std = values.std(dim=1, correction=0).clamp_min(MIN_STD)
+        per_ratio[ratio] = RatioStats(mean.float(), std.float(), int(values.shape[1]))
+    if not per_ratio:
+        raise ValueError("no latents to compute statistics from")
+    return LatentStats(per_ratio)
+
+
+def load_or_compute_stats(directory: str | Path, items: Sequence[LatentItem]) -> LatentStats:
+    """The tokens' ``latents_stats.json`` when present; else computed from ``items`` and saved there.
+
+    A read-only tokens folder is not an error: the statistics are then returned without being
+    saved (a training run keeps its own copy either way).
+    """
+    path = Path(directory) / STATS_FILE
+    if path.is_file():
+        return LatentStats.load(path)
+    stats = compute_stats(items)
+    try:
+        stats.save(path)
+    except OSError:
+        pass
+    return stats

@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def _features(inception, images) -> torch.Tensor:
     """Inception features, one image at a time (sizes differ; the extractor resizes each to 299)."""
-    batches = [torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None] for image in images]
+    batches = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None] for image in images]
     return torch.cat([inception(batch) for batch in batches])
 
 

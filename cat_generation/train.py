@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from cat_foundations.atomic import atomic_write_json, write_jsonl
+from cat_tokenizer.store import RUN_INFO as TOKENS_RUN_INFO
 
 from .batching import BATCHING_MODES, bucket_batches, collate, packed_batches
 from .config import GeneratorConfig
@@ -35,7 +36,6 @@ from .stats import STATS_FILE, load_or_compute_stats
 RUN_FORMAT = "cat-gen-run-v1"
 RUN_INFO = "run.json"
 TRAIN_LOG = "train_log.jsonl"
-TOKENS_RUN_INFO = "run.json"  # what cat-tokenize writes beside its shards (cat_tokenizer.store.RUN_INFO)
 
 
 @dataclass

@@ -13,6 +13,7 @@ generator's figure should sit between the two. Writes JSON (``--out``) and print
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from cat_foundations.atomic import atomic_write_json
 from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_generation.config import GeneratorConfig
-from cat_generation.generator import LatentGenerator
+from cat_generation.generator import CONFIG_NAME, LatentGenerator
 from cat_generation.sample import SampleSettings, generate, read_run_info
 from eval.metrics import fid_from_features, load_inception
 from nested_vae import NestedVAE
@@ -57,7 +58,7 @@ def _reconstructions(images, vae_name: str, ratio: int) -> list:
 def _untrained_copy(run: Path, workdir: Path) -> Path:
     """A run folder with the same config, stats and info but freshly initialised weights."""
     shutil.copytree(run, workdir, dirs_exist_ok=True)
-    config = GeneratorConfig.from_dict(LatentGenerator.from_pretrained(run).config.to_dict())
+    config = GeneratorConfig.from_dict(json.loads((run / CONFIG_NAME).read_text()))
     torch.manual_seed(0)
     LatentGenerator(config).save_pretrained(workdir)
     return workdir

@@ -1,8 +1,8 @@
 """Read what ``cat-tokenize`` wrote: one :class:`LatentItem` per tokenized image.
 
-The reader goes through cat_tokenizer's own readers (:func:`cat_tokenizer.store.read_shard_records`,
-:func:`cat_tokenizer.store.load_latent`), so the shards stay the one source of truth: a manifest that
-was never written (a killed run) or that a user edited cannot disagree with what is read here.
+The reader goes through cat_tokenizer's own readers (``cat_tokenizer.readers.iter_encoded`` where it
+exists, else :func:`cat_tokenizer.store.read_shard_records` + :func:`cat_tokenizer.store.load_latent`),
+so this package never parses a shard itself.
 
 Labels for class/domain conditioning come from the image id by a named rule (:data:`LABEL_RULES`):
 ``none`` (one class), ``dir`` (the first folder of the id) or ``prefix`` (the file name up to its
@@ -18,7 +18,16 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from cat_foundations.ratios import check_ratio
-from cat_tokenizer.store import load_latent, read_shard_records
+
+try:  # the tokenize-at-scale readers (webdataset / named shards too), once they are in cat_tokenizer
+    from cat_tokenizer.readers import iter_encoded
+except ImportError:  # until then: the folder-run shards, which are all cat-tokenize writes today
+    from cat_tokenizer.store import load_latent, read_shard_records
+
+    def iter_encoded(out_dir):
+        """``(record, Encoded)`` for every image of a folder run's committed shards."""
+        for record in read_shard_records(out_dir):
+            yield record, load_latent(out_dir, record)
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,8 @@ def read_tokens(directory: str | Path) -> list[LatentItem]:
         ValueError: a shard is not a cat-tokenizer shard, or a latent disagrees with its record.
     """
     directory = Path(directory)
-    records = read_shard_records(directory)
-    if not records:
-        raise FileNotFoundError(f"{directory}: no shards/ with tokenized images (run cat-tokenize first)")
     items = []
-    for record in records:
-        encoded = load_latent(directory, record)
+    for record, encoded in iter_encoded(directory):
         items.append(
             LatentItem(
                 id=str(record["id"]),
@@ -73,6 +78,8 @@ def read_tokens(directory: str | Path) -> list[LatentItem]:
                 score=encoded.score,
             )
         )
+    if not items:
+        raise FileNotFoundError(f"{directory}: no shards/ with tokenized images (run cat-tokenize first)")
     return items
 
 

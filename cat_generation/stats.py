@@ -6,10 +6,12 @@ three compression paths of the nested VAE do not produce latents of the same sca
 convention of diffusers' ``latents_mean`` / ``latents_std``, kept once per ratio.
 
 On disk: ``latents_stats.json`` beside the shards of a ``cat-tokenize`` output folder,
-``{"8": {"mean": [...C], "std": [...C], "count": N}, "16": {...}, "32": {...}}`` (ratio keys as
-strings, JSON's only key type; ``count`` is the number of latent positions averaged). Keys that are
-not ratios are ignored, so the file can carry more later. :func:`load_or_compute_stats` reads it
-when present and otherwise computes it from the latents and writes it there.
+``{"ratios": {"8": {"mean": [...C], "std": [...C], "positions": N}, "16": {...}, ...}, ...}`` (ratio
+keys as strings, JSON's only key type; ``positions`` is the number of latent positions averaged):
+the layout ``cat-tokenize`` itself writes at the end of a run once the tokenize-at-scale work
+lands, with more keys beside ``mean``/``std`` that are ignored here. The flat form without the
+``"ratios"`` wrapper is read too. :func:`load_or_compute_stats` reads the file when present and
+otherwise computes it from the latents and writes it there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .data import LatentItem
 
 STATS_FILE = "latents_stats.json"
 MIN_STD = 1e-6  # a constant channel must not divide by zero
+SOURCE = "cat_generation.stats: computed from the shards' latents"
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,25 @@ class LatentStats:
 
     def to_json(self) -> dict:
         """The ``latents_stats.json`` form (see the module docstring)."""
-        return {
-            str(ratio): {"mean": s.mean.tolist(), "std": s.std.tolist(), "count": s.count}
+        ratios = {
+            str(ratio): {"mean": s.mean.tolist(), "std": s.std.tolist(), "positions": s.count}
             for ratio, s in sorted(self.per_ratio.items())
         }
+        return {"source": SOURCE, "ratios": ratios}
 
     @classmethod
     def from_json(cls, value: dict) -> LatentStats:
-        """Read the ``latents_stats.json`` form; keys that are not ratios are ignored."""
+        """Read either ``latents_stats.json`` form; keys that are not ratios are ignored."""
         per_ratio = {}
-        for key, entry in value.items():
+        entries = value["ratios"] if isinstance(value.get("ratios"), dict) else value
+        for key, entry in entries.items():
             if not (isinstance(key, str) and key.isdigit() and int(key) in RATIOS):
                 continue
             mean = torch.tensor(entry["mean"], dtype=torch.float32)
             std = torch.tensor(entry["std"], dtype=torch.float32).clamp_min(MIN_STD)
             if mean.shape != std.shape or mean.dim() != 1:
                 raise ValueError(f"ratio {key}: mean and std must be lists of one number per channel")
-            per_ratio[int(key)] = RatioStats(mean, std, int(entry.get("count", 0)))
+            per_ratio[int(key)] = RatioStats(mean, std, int(entry.get("positions", entry.get("count", 0))))
         if not per_ratio:
             raise ValueError(f"no ratio entries (keys must be among {[str(r) for r in RATIOS]})")
         return cls(per_ratio)

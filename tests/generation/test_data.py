@@ -57,23 +57,36 @@ def test_normalised_latents_have_zero_mean_unit_std_per_ratio_and_channel(tiny_t
         assert torch.allclose(stats.denormalize(stats.normalize(latent, ratio), ratio), latent, atol=1e-5)
 
 
-def test_stats_are_computed_and_saved_when_absent_and_read_when_present(tiny_tokens, tmp_path):
+def test_stats_are_computed_and_saved_when_absent(tiny_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     shutil.copytree(tiny_tokens, tokens)
     (tokens / STATS_FILE).unlink(missing_ok=True)
     items = read_tokens(tokens)
     computed = load_or_compute_stats(tokens, items)
-    saved = json.loads((tokens / STATS_FILE).read_text())
+    saved = json.loads((tokens / STATS_FILE).read_text())["ratios"]
     assert sorted(saved) == ["16", "32", "8"]
     assert saved["8"]["mean"] == pytest.approx(computed.of(8).mean.tolist())
+    assert saved["8"]["positions"] == sum(i.tokens for i in items if i.ratio == 8)
 
-    # A file written by someone else (e.g. the tokenizer itself) wins over computing.
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["cat-tokenize layout", "flat"])
+def test_a_stats_file_written_by_the_tokenizer_wins_over_computing(tiny_tokens, tmp_path, wrapped):
+    tokens = tmp_path / "tokens"
+    shutil.copytree(tiny_tokens, tokens)
+    items = read_tokens(tokens)
     channels = items[0].latent.shape[0]
-    theirs = {"16": {"mean": [1.0] * channels, "std": [2.0] * channels}, "format": "anything"}
-    (tokens / STATS_FILE).write_text(json.dumps(theirs))
+    entry = {
+        "images": 3,
+        "positions": 72,
+        "mean": [1.0] * channels,
+        "std": [2.0] * channels,
+        "channels": channels,
+    }
+    theirs = {"format": "cat-tokenizer-latent-stats-v1", "scaling_factor": 1.0, "ratios": {"16": entry}}
+    (tokens / STATS_FILE).write_text(json.dumps(theirs if wrapped else {"16": entry}))
     loaded = load_or_compute_stats(tokens, items)
     assert sorted(loaded.per_ratio) == [16]
-    assert loaded.of(16).std.tolist() == [2.0] * channels
+    assert loaded.of(16).std.tolist() == [2.0] * channels and loaded.of(16).count == 72
     with pytest.raises(KeyError, match="no latent statistics for ratio 8"):
         loaded.normalize(items[0].latent, 8)
 

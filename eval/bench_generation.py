@@ -12,7 +12,7 @@ depth 4, 4 heads) and the real ``cat_generation`` code path (``collate`` -> ``Pa
    images/s for both objectives (flow: ``--sample-steps`` Euler steps; masked: as many parallel
    decoding steps, head ``--head-steps``).
 2. **Router mix vs all-16x** -- the images of a ``cat-tokenize`` folder (``--tokens``; a seeded
-   ``--subset``) with the shapes the router gave them, against the same images all at 16x, both
+   ``--subset`` keeping each ratio's share) with the shapes the router gave them, against the same images all at 16x, both
    packed into rows of ``--max-tokens``: one training epoch and sampling every image.
 3. **Packed vs padded** -- the same router-mix batches laid out packed, or one image per row padded
    to the longest in the batch: share of token slots that are padding, and real tokens/s.
@@ -166,12 +166,20 @@ def _epoch(bench: Bench, items, batches, mode: str, objective: str, operation: s
 
 
 def _routed_shapes(tokens_dir: Path, subset: int) -> list[tuple[int, tuple[int, int]]]:
-    """``(ratio, image size)`` of a seeded subset of a tokenized folder (all when ``subset`` is 0)."""
+    """``(ratio, image size)`` of a seeded subset of a tokenized folder (all when ``subset`` is 0).
+
+    The subset keeps the router's share of each ratio (stratified), so its mean token count stays
+    that of the whole set, which the routing thresholds were calibrated on.
+    """
     found = [(item.ratio, tuple(item.size)) for item in read_tokens(tokens_dir)]
-    if subset and subset < len(found):
-        order = torch.randperm(len(found), generator=torch.Generator().manual_seed(0))[:subset]
-        found = [found[int(i)] for i in order]
-    return found
+    if not subset or subset >= len(found):
+        return found
+    generator, picked = torch.Generator().manual_seed(0), []
+    for ratio in RATIOS:
+        members = [shape for shape in found if shape[0] == ratio]
+        share = round(subset * len(members) / len(found))
+        picked += [members[int(i)] for i in torch.randperm(len(members), generator=generator)[:share]]
+    return picked
 
 
 def mix_vs_16(bench: Bench, routed, channels: int) -> dict:

@@ -282,3 +282,8 @@ def test_export_checkpoint_writes_the_ema_weights_from_the_checkpoint(tmp_path, 
     for name, tensor in trainer.ema.module.state_dict().items():
         assert torch.equal(exported[name], tensor), name
     assert any(not torch.equal(raw[name], exported[name]) for name in raw)  # EMA, not the raw weights
+    raw_path = export_checkpoint(
+        checkpoint_dirs(tmp_path / "run")[-1], tmp_path / "raw", "float32", weights="raw"
+    )
+    exported_raw = NestedVAE.from_pretrained(raw_path).state_dict()
+    assert all(torch.equal(exported_raw[name], raw[name].contiguous()) for name in raw)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -50,6 +51,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from cat_foundations import hub
 from cat_foundations.atomic import atomic_write_bytes, atomic_write_text
 from cat_foundations.ratios import PAD_MULTIPLE, RATIOS
 from cat_foundations.ratios import latent_size as _latent_size
@@ -129,6 +131,9 @@ class NestedVAE(nn.Module):
         self.use_slicing = False
         self.upcast_on_overflow = True
         self.upcast_fallbacks = 0
+        # Set by from_pretrained: provenance for outputs that record which weights made them.
+        self.name_or_path: str | None = None
+        self.weights_path: Path | None = None
 
     # -- toggles ---------------------------------------------------------------------------------
 
@@ -381,12 +386,22 @@ class NestedVAE(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload NestedVAE",
+    ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
 
         Each file is written atomically (:func:`cat_foundations.atomic.atomic_write_bytes`): a
         reader sees the old file or the whole new one. The weights go last, so a directory whose
-        weights are complete also has its config.
+        weights are complete also has its config. With ``push_to_hub=True`` the folder is then
+        uploaded to the Hub repo ``repo_id`` (default: the directory's name), created if needed.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -394,7 +409,30 @@ class NestedVAE(nn.Module):
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors(state, metadata={"format": "pt"}))
+        if push_to_hub:
+            hub.upload_folder(
+                directory,
+                repo_id or directory.name,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+            )
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload NestedVAE",
+    ) -> str:
+        """Upload this model (``config.json`` + ``model.safetensors``) to the Hub repo ``repo_id``."""
+        with tempfile.TemporaryDirectory() as scratch:
+            self.save_pretrained(scratch)
+            return hub.upload_folder(
+                scratch, repo_id, private=private, token=token, commit_message=commit_message
+            )
 
     @classmethod
     def from_pretrained(
@@ -402,22 +440,43 @@ class NestedVAE(nn.Module):
         name_or_path: str | Path = "default",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
     ) -> NestedVAE:
         """Load a model saved by :meth:`save_pretrained`, in eval mode.
 
         Args:
             name_or_path: ``"default"`` for the checkpoint shipped in ``nested_vae/weights/default/``,
-                or a directory holding ``config.json`` and ``model.safetensors``.
+                a directory holding ``config.json`` and ``model.safetensors``, or a Hugging Face
+                Hub repo id ``org/name`` holding the same two files (downloaded into the HF cache;
+                with ``HF_HUB_OFFLINE=1`` read from it).
             device: where to put the model (default CPU).
             dtype: parameter dtype (default as saved, float32).
+            revision, cache_dir, token: Hub options (branch/tag/commit, HF cache folder, token).
+
+        The loaded model remembers where its files came from: ``model.name_or_path`` (what was
+        asked for) and ``model.weights_path`` (the ``model.safetensors`` read).
 
         Raises:
-            FileNotFoundError: the directory or one of its files is missing.
+            FileNotFoundError: the directory, the Hub repo or one of its files is missing.
             CheckpointError: the config is invalid or the weights have missing, unexpected or
                 mis-shaped tensors (all named).
         """
 
-        directory = DEFAULT_WEIGHTS_DIR if str(name_or_path) == "default" else Path(name_or_path)
+        if str(name_or_path) == "default":
+            directory = DEFAULT_WEIGHTS_DIR
+        elif hub.is_hub_repo_id(name_or_path):
+            directory = hub.download_files(
+                str(name_or_path),
+                [CONFIG_NAME, WEIGHTS_NAME],
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+            )
+        else:
+            directory = Path(name_or_path)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -467,4 +526,5 @@ class NestedVAE(nn.Module):
                 f"{weights_path} does not match the config in {config_path}: " + "; ".join(problems)
             )
         model.load_state_dict(state, strict=True)
+        model.name_or_path, model.weights_path = str(name_or_path), weights_path
         return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -50,7 +50,9 @@ def run_decode(settings: DecodeSettings) -> int:
     tokenizer = CATTokenizer(vae, scorer=None)
     names = _png_names([r["id"] for r in records])
     errors = []
-    with tqdm(total=len(records), unit="img", disable=settings.quiet, desc="decode", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(records), unit="img", disable=settings.quiet, desc="decode", dynamic_ncols=True
+    ) as bar:
         for start in range(0, len(records), settings.batch_size):
             chunk = records[start : start + settings.batch_size]
             loaded = []

@@ -218,6 +218,11 @@ class CATTokenizer:
         return getattr(self._scorer, "model_id", None)
 
     @property
+    def loaded_scorer(self):
+        """The router scorer if it is loaded (None before its first use, or without a router)."""
+        return None if isinstance(self._scorer, (str, Path)) else self._scorer
+
+    @property
     def scorer(self):
         """The router scorer, loaded on first access (None for image-only routing)."""
         if isinstance(self._scorer, (str, Path)):

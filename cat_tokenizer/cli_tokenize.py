@@ -34,6 +34,7 @@ from router import RoutingPolicy, routing_score
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
 RESUME_KEYS = ("vae", "router_model", "ratio", "max_side", "policy")
+SHARDED_RESUME_KEYS = ("format",)  # sharded-input runs only; more input shards may be added
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -76,7 +77,8 @@ def check_resume_settings(out_dir: Path, run_info: dict) -> None:
     if not previous_path.exists():
         return
     previous = json.loads(previous_path.read_text())
-    changed = [k for k in RESUME_KEYS if previous.get(k) != run_info[k]]
+    keys = RESUME_KEYS + tuple(k for k in SHARDED_RESUME_KEYS if k in run_info)
+    changed = [k for k in keys if previous.get(k) != run_info[k]]
     if changed:
         raise FatalError(
             f"--resume with different settings than the run in {out_dir} ({', '.join(changed)} changed)"

@@ -106,6 +106,7 @@ def write_output_shard(
         data = save({record["key"]: latent for record, latent in entries}, metadata)
     else:
         data = _tar_bytes(entries)
+    (Path(out_dir) / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out_dir) / output, data)
     meta = {
         "format": META_FORMAT,

@@ -14,6 +14,8 @@ being assembled. Per sample:
 * an image without a caption member is an error record and is routed by the image fallback
   (skipped with ``--require-captions``); a caption without an image is an error record;
 * an image that does not decode is an error record (at encode time, like a bad file);
+* a shard that cannot be opened (network, pipe) is an error record and is not committed, so
+  ``--resume`` tries it again;
 * a truncated shard, or a corrupt tar header (``tarfile`` stops reading silently there; the
   unread non-zero bytes after it give it away), is an error record naming the last sample read;
   every sample before it goes through.
@@ -57,6 +59,7 @@ class ShardContents:
     items: list[WorkItem] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     skipped_without_caption: list[str] = field(default_factory=list)
+    unopened: bool = False  # the shard could not be opened at all: not committed, --resume retries it
 
 
 def _error(shard: str, key: str | None, reason: str) -> dict:
@@ -138,6 +141,7 @@ def _item(shard: str, key: str, sample: dict, require_captions: bool, contents: 
 def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardContents:
     """Every sample of one tar shard (see the module docstring for what becomes an error)."""
     import webdataset as wds  # the optional `scale` extra
+    from webdataset.gopen import gopen
 
     contents = ShardContents()
     failures: list[BaseException] = []
@@ -147,11 +151,11 @@ def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardCo
         return True  # keep going: what was read before the error still counts
 
     try:
-        stream = wds.gopen.gopen(shard.url, "rb")
-    except Exception as error:
-        contents.errors.append(
-            _error(shard.name, None, f"cannot open {shard.url}: {type(error).__name__}: {error}")
-        )
+        stream = gopen(shard.url, "rb")
+    except Exception as error:  # any opener failure (missing file, network, pipe command)
+        reason = f"cannot open {shard.url}: {type(error).__name__}: {error}; rerun with --resume"
+        contents.errors.append(_error(shard.name, None, reason))
+        contents.unopened = True
         return contents
     key, sample = None, {}
     with stream:

@@ -175,15 +175,26 @@ def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardCo
             key = prefix
             sample.setdefault(suffix.lower(), member["data"])
         if failures:
+            # The sample being assembled is kept only if it already has an image and a caption:
+            # the unreadable member may have been its last one or the next sample's first.
+            complete = any(e in sample for e in IMAGE_EXTENSIONS) and any(
+                e in sample for e in CAPTION_EXTENSIONS
+            )
+            if key is not None and complete:
+                _item(shard.name, key, sample, require_captions, contents)
             error = failures[0]
             reason = " ".join(str(error.args[0] if error.args else error).split(" @ ")[0].split())
             where = f"after sample {key!r}" if key else "at its start"
+            kept = "" if complete or key is None else f" ({key!r} incomplete, not tokenized)"
             contents.errors.append(
                 _error(
-                    shard.name, key, f"shard truncated or corrupt {where}: {type(error).__name__}: {reason}"
+                    shard.name,
+                    key,
+                    f"shard truncated or corrupt {where}{kept}: {type(error).__name__}: {reason}; "
+                    "the rest of the shard could not be read",
                 )
             )
-            return contents  # the sample being assembled is incomplete: not tokenized
+            return contents
         if key is not None:
             _item(shard.name, key, sample, require_captions, contents)
         _check_fully_read(shard, stream, key, contents)

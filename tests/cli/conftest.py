@@ -125,40 +125,9 @@ def cli_args():
     return _cli_args
 
 
-def png_bytes(seed: int, size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    noise(size, size, seed=seed).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_tar_shards(directory, shards: int, per_shard: int, size: int = 32) -> list[str]:
-    """``shards`` webdataset tars ``00000.tar``... of ``per_shard`` samples (KEY.png + KEY.txt or KEY.json).
-
-    Keys are img2dataset-style (shard number + index); returns every sample id (``shard/key``).
-    """
-    import tarfile
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for shard in range(shards):
-        with tarfile.open(directory / f"{shard:05d}.tar", "w") as tar:
-            for index in range(per_shard):
-                key = f"{shard:05d}{index:04d}"
-                caption = f"noise sample {shard}-{index}"
-                text = (
-                    ("txt", caption.encode())
-                    if index % 2
-                    else ("json", json.dumps({"caption": caption, "width": size}).encode())
-                )
-                for name, data in ((f"{key}.png", png_bytes(shard * 1000 + index, size)), (f"{key}.{text[0]}", text[1])):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                ids.append(f"{shard:05d}/{key}")
-    return ids
-
-
 @pytest.fixture
 def write_tar_shards():
     """``write_tar_shards(directory, shards, per_shard, size=32)`` -> sample ids (``shard/key``)."""
-    return _write_tar_shards
+    from cat_tokenizer.testing import write_tar_shards
+
+    return write_tar_shards

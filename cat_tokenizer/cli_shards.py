@@ -176,6 +176,7 @@ def run_sharded(settings: TokenizeSettings) -> int:
         entries, errors = _tokenize_shard(tokenizer, settings, contents)
         info = {
             "source": inputs.describe(shard),
+            "rank": state.process_index,
             "provenance": origin,
             "skipped_without_caption": contents.skipped_without_caption,
         }

@@ -29,6 +29,7 @@ from safetensors.torch import save
 from cat_foundations.atomic import atomic_write_bytes, atomic_write_json
 from cat_tokenizer.encoded import Encoded
 from cat_tokenizer.latent_stats import LatentStats
+from cat_tokenizer.sources import require_webdataset
 from cat_tokenizer.store import SHARD_DIR, SHARD_FORMAT
 
 META_SUFFIX = ".meta.json"
@@ -62,8 +63,7 @@ def committed(out_dir: Path) -> dict[str, dict]:
 
 
 def _tar_bytes(entries: list[tuple[dict, torch.Tensor]]) -> bytes:
-    import webdataset as wds  # the optional `scale` extra
-
+    wds = require_webdataset()
     buffer = io.BytesIO()
     # mtime fixed so a rerun writes the same bytes (idempotent outputs).
     with wds.TarWriter(buffer, encoder=False, mtime=0) as writer:

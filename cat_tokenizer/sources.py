@@ -62,6 +62,18 @@ class ShardContents:
     unopened: bool = False  # the shard could not be opened at all: not committed, --resume retries it
 
 
+def require_webdataset():
+    """The ``webdataset`` module, or a fatal error saying how to install it (the ``scale`` extra)."""
+    try:
+        import webdataset
+    except ImportError:
+        raise FatalError(
+            "tar shards need the webdataset package: pip install 'cat-tokenizer[scale]' "
+            "(or pip install webdataset==1.0.2 braceexpand)"
+        ) from None
+    return webdataset
+
+
 def _error(shard: str, key: str | None, reason: str) -> dict:
     return {
         "path": f"{shard}/{key}" if key else shard,
@@ -82,6 +94,7 @@ def expand_shard_pattern(pattern: str) -> list[InputShard]:
         FatalError: the pattern expands to nothing, names a missing local file, or two shards
             would share an output name.
     """
+    require_webdataset()
     from braceexpand import braceexpand  # webdataset's own dependency for shard patterns
 
     urls = list(braceexpand(pattern))
@@ -92,8 +105,7 @@ def expand_shard_pattern(pattern: str) -> list[InputShard]:
         local = None if ":" in url.split("/", 1)[0] else Path(url.removeprefix("file:"))
         if local is not None and not local.is_file():
             raise FatalError(f"--shards: {url} does not exist (pattern {pattern!r})")
-        name = Path(url.split("?", 1)[0].rstrip("/")).name
-        name = name.removesuffix(".tar.gz").removesuffix(".tgz").removesuffix(".tar")
+        name = shard_name(url)
         if name in seen:
             raise FatalError(
                 f"--shards: {seen[name]} and {url} would both write output shard {name!r}; give shards distinct file names"
@@ -101,6 +113,14 @@ def expand_shard_pattern(pattern: str) -> list[InputShard]:
         seen[name] = url
         shards.append(InputShard(name=name, url=url))
     return shards
+
+
+def shard_name(url: str) -> str:
+    """The output name of a shard URL: its file stem (``pipe:aws s3 cp s3://b/00007.tar -`` -> ``00007``)."""
+    text = url.split("?", 1)[0]
+    tokens = [token for token in text.split() if ".tar" in token or ".tgz" in token] or [text]
+    name = Path(tokens[-1].rstrip("/")).name
+    return name.removesuffix(".tar.gz").removesuffix(".tgz").removesuffix(".tar")
 
 
 def _caption(shard: str, key: str, sample: dict) -> tuple[str | None, str | None]:
@@ -140,7 +160,7 @@ def _item(shard: str, key: str, sample: dict, require_captions: bool, contents: 
 
 def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardContents:
     """Every sample of one tar shard (see the module docstring for what becomes an error)."""
-    import webdataset as wds  # the optional `scale` extra
+    wds = require_webdataset()
     from webdataset.gopen import gopen
 
     contents = ShardContents()

@@ -177,3 +177,12 @@ def test_hf_dataset_input(tiny_vae_dir, tmp_path, streaming):
 
     missing = tmp_path / "missing"
     assert main(args[:4] + ["--image-column", "picture", "--out", str(missing)] + args[6:]) == 1
+
+
+def test_shard_names_come_from_the_file_stem_of_any_url_form():
+    from cat_tokenizer.sources import expand_shard_pattern
+
+    shards = expand_shard_pattern("pipe:aws s3 cp s3://bucket/train-{00008..00010}.tar -")
+    assert [s.name for s in shards] == ["train-00008", "train-00009", "train-00010"]
+    assert shards[0].url == "pipe:aws s3 cp s3://bucket/train-00008.tar -"
+    assert [s.name for s in expand_shard_pattern("https://host/d/{a,b}.tar.gz?download=true")] == ["a", "b"]

@@ -186,3 +186,51 @@ def test_shard_names_come_from_the_file_stem_of_any_url_form():
     assert [s.name for s in shards] == ["train-00008", "train-00009", "train-00010"]
     assert shards[0].url == "pipe:aws s3 cp s3://bucket/train-00008.tar -"
     assert [s.name for s in expand_shard_pattern("https://host/d/{a,b}.tar.gz?download=true")] == ["a", "b"]
+
+
+def test_routed_shard_run_records_router_provenance_in_the_index(
+    tiny_vae_dir, tiny_llama_dir, tmp_path, write_tar_shards
+):
+    from router import PROMPT_VERSION
+
+    ids = write_tar_shards(tmp_path / "in", 2, 3)
+    out = tmp_path / "out"
+    args = [
+        "--shards",
+        str(tmp_path / "in" / "{00000..00001}.tar"),
+        "--out",
+        str(out),
+        "--vae",
+        str(tiny_vae_dir),
+    ]
+    assert main([*args, "--router-model", str(tiny_llama_dir), "--quiet"]) == 0
+    rows = read_index(out).to_pylist()
+    assert sorted(row["id"] for row in rows) == sorted(ids)
+    for row in rows:
+        assert row["score_source"] == "caption_llm" and 1.0 <= row["score"] <= 9.0
+        assert row["router_model"] == str(tiny_llama_dir) and row["router_prompt_version"] == PROMPT_VERSION
+        assert row["router_dtype"] in {"torch.float32", "torch.bfloat16"}  # the backend's CPU default
+        assert "flag_lifts" in json.loads(row["router_head"])
+        assert row["tokens"] == {8: 16, 16: 4, 32: 1}[row["ratio"]]
+
+
+def test_folder_runs_write_the_index_and_latent_stats_too(
+    tiny_vae_dir, tmp_path, write_small_images, cli_args
+):
+    names = write_small_images(tmp_path / "images", 5)
+    out = tmp_path / "out"
+    assert (
+        main(cli_args(tmp_path / "images", out, tiny_vae_dir, "--ratio", 8, "--shard-size", 2, "--quiet"))
+        == 0
+    )
+    rows = read_index(out).to_pylist()
+    assert sorted(row["id"] for row in rows) == sorted(names)
+    assert all(row["source_shard"] is None and row["shard"].startswith("shards/r00-") for row in rows)
+    stats = json.loads((out / "latents_stats.json").read_text())["ratios"]
+    assert list(stats) == ["8"] and stats["8"]["images"] == 5 and stats["8"]["positions"] == 5 * 4 * 4
+    latents = (
+        torch.stack([enc.latent for _, enc in iter_encoded(out)]).double().permute(1, 0, 2, 3).reshape(4, -1)
+    )
+    assert torch.allclose(
+        torch.tensor(stats["8"]["mean"], dtype=torch.float64), latents.mean(dim=1), atol=1e-9
+    )

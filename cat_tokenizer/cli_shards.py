@@ -83,7 +83,7 @@ def _open_input(settings: TokenizeSettings) -> _Input:
 
 def _sharded_run_info(settings: TokenizeSettings, policy) -> dict:
     info = run_info(settings, policy)
-    info.update(input=settings.shards or settings.hf_dataset, format=settings.format)
+    info.update(input=settings.shards or settings.hf_dataset, output_format=settings.format)
     return info
 
 
@@ -138,6 +138,8 @@ def run_sharded(settings: TokenizeSettings) -> int:
     state = PartialState(cpu=use_cpu(settings.device))
     if settings.device is None:
         settings = dataclasses.replace(settings, device=str(state.device))
+    if settings.captions is not None:
+        raise FatalError("--captions goes with --images; tar shards and datasets carry their own captions")
     if settings.target_mean_tokens is not None:
         raise FatalError(
             "--target-mean-tokens needs every caption before the first shard; with --shards/--hf-dataset "

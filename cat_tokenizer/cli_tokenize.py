@@ -20,9 +20,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
+from cat_foundations import hub
 from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL, FatalError
 from cat_foundations.images import ImageLoadError, limit_max_side
-from cat_tokenizer import store
+from cat_tokenizer import shard_store, store
 from cat_tokenizer.cli_settings import TokenizeSettings
 from cat_tokenizer.index import provenance
 from cat_tokenizer.jobs import WorkItem, plan_work
@@ -34,7 +35,7 @@ from router import RoutingPolicy, routing_score
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
 RESUME_KEYS = ("vae", "router_model", "ratio", "max_side", "policy")
-SHARDED_RESUME_KEYS = ("format",)  # sharded-input runs only; more input shards may be added
+SHARDED_RESUME_KEYS = ("output_format",)  # sharded-input runs only; more input shards may be added
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -60,7 +61,9 @@ def use_cpu(device: str | None) -> bool:
 
 
 def run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
-    vae = settings.vae if settings.vae == "default" else str(Path(settings.vae).resolve())
+    # Hub ids and "default" stay names; a local folder is recorded absolute so decode finds it anywhere.
+    keep = settings.vae == "default" or hub.is_hub_repo_id(settings.vae)
+    vae = settings.vae if keep else str(Path(settings.vae).resolve())
     return {
         "format": RUN_FORMAT,
         "vae": vae,
@@ -86,6 +89,8 @@ def check_resume_settings(out_dir: Path, run_info: dict) -> None:
 
 
 def _check_inputs(settings: TokenizeSettings) -> None:
+    if settings.format != "safetensors" or settings.streaming:
+        raise FatalError("--format webdataset and --streaming apply to --shards / --hf-dataset input only")
     if not settings.images.is_dir():
         raise FatalError(f"--images {settings.images} is not a folder")
     if settings.captions is not None and not settings.captions.is_file():
@@ -185,6 +190,8 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     prepare_out_dir(out_dir)  # every rank: a failure must not leave the others waiting at a barrier
     policy = initial_policy(settings)
     existing = store.shard_paths(out_dir)
+    if shard_store.committed(out_dir):
+        raise FatalError(f"{out_dir} holds shards of a --shards/--hf-dataset run; use an empty folder")
     if existing and not settings.resume:
         raise FatalError(
             f"{out_dir} already holds {len(existing)} shard(s) of an earlier run; pass --resume or use an empty folder"

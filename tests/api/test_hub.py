@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -89,3 +91,51 @@ def test_local_directories_and_default_still_win(tiny_vae_dir, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nowhere/config.json"):
         NestedVAE.from_pretrained(missing)
     assert NestedVAE.from_pretrained("default").weights_path.parent.name == "default"
+
+
+def test_cli_tokenizes_and_decodes_with_a_hub_vae_offline(tiny_vae_dir, tmp_path):
+    from cat_tokenizer.testing import write_tar_shards
+
+    cache = tmp_path / "hub"
+    _cache_repo(cache, "org/tiny-vae", tiny_vae_dir)
+    ids = write_tar_shards(tmp_path / "in", 2, 2)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    tokenize = [
+        sys.executable,
+        "-m",
+        "cat_tokenizer.cli",
+        "--shards",
+        "in/{00000..00001}.tar",
+        "--out",
+        "tokens",
+    ]
+    tokenize += ["--vae", "org/tiny-vae", "--ratio", "16", "--quiet"]
+    result = subprocess.run(tokenize, capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "tokens" / "run.json").read_text())["vae"] == "org/tiny-vae"
+    decode = [
+        sys.executable,
+        "-m",
+        "cat_tokenizer.cli",
+        "decode",
+        "--tokens",
+        "tokens",
+        "--out",
+        "recon",
+        "--quiet",
+    ]
+    result = subprocess.run(decode, capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        sorted(
+            str(p.relative_to(tmp_path / "recon").with_suffix(""))
+            for p in (tmp_path / "recon").rglob("*.png")
+        )
+        == ids
+    )
+    row = pq.read_table(tmp_path / "tokens" / "index.parquet").to_pylist()[0]
+    assert row["vae"] == "org/tiny-vae"
+    assert (
+        row["vae_weights_sha256"]
+        == hashlib.sha256((tiny_vae_dir / "model.safetensors").read_bytes()).hexdigest()
+    )

@@ -82,4 +82,4 @@ def test_rerun_without_resume_and_resume_with_another_format_are_refused(
     assert main(args) == 0
     assert main(args) == 1 and "pass --resume" in capsys.readouterr().err
     assert main(args + ["--resume", "--format", "webdataset"]) == 1
-    assert "format changed" in capsys.readouterr().err
+    assert "output_format changed" in capsys.readouterr().err

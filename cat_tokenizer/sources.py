@@ -20,6 +20,9 @@ being assembled. Per sample:
   unread non-zero bytes after it give it away), is an error record naming the last sample read;
   every sample before it goes through.
 
+An input shard is held in memory while it is tokenized (img2dataset's default of 10,000 JPEGs at
+256x256 is about 200 MB); its latents are written once, when it is done.
+
 **Hugging Face datasets** (``--hf-dataset ID_OR_PATH --split S``): a Hub id or a local folder
 (``datasets.load_dataset``; a ``save_to_disk`` folder through ``load_from_disk``). A map-style
 dataset is cut into input shards of ``--shard-size`` rows; a ``--streaming`` one into its own

@@ -8,13 +8,14 @@ raise :class:`cat_foundations.cli.FatalError` (exit code 1, one line).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from cat_foundations.cli import OneLineParser
 from cat_foundations.ratios import RATIOS
-from cat_tokenizer.cli_settings import DecodeSettings, TokenizeSettings
+from cat_tokenizer.cli_settings import DecodeSettings, TokenBudget, TokenizeSettings
 
 TOKENIZE_EPILOG = """\
 images:
@@ -48,6 +49,20 @@ scale-out:
 
 
 # ---- argument types ------------------------------------------------------------------------
+
+
+def _token_budget(value: str) -> TokenBudget:
+    if value.endswith("x") and value[:-1] in {str(r) for r in RATIOS}:
+        return TokenBudget(like_ratio=int(value[:-1]))
+    try:
+        tokens = float(value)
+    except ValueError:
+        tokens = math.nan
+    if not math.isfinite(tokens) or tokens <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--target-mean-tokens must be a positive number of tokens or 8x/16x/32x, got {value!r}"
+        )
+    return TokenBudget(tokens=tokens)
 
 
 def _ratio(value: str):
@@ -153,8 +168,11 @@ def _add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target-mean-tokens",
-        type=float,
-        help="calibrate the routing thresholds on this run's scores so the mean tokens per image, counted at 256x256 (1024/256/64 tokens at 8/16/32x), hits this budget",
+        type=_token_budget,
+        metavar="N|16x",
+        help="calibrate the routing thresholds on this run's scores so the mean tokens per image hits this budget: "
+        "a number, or 8x/16x/32x for as many tokens as that fixed ratio spends on these images; counted at the "
+        "sizes encoded (after --max-side, padded to 32), as summary.json counts them",
     )
     parser.add_argument(
         "--router-model",

@@ -145,31 +145,40 @@ def prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
     return {item.id: score for item, score in zip(captioned, scores)}
 
 
-def _routing_scores(items: list[WorkItem], prescored: dict, max_side: int) -> list[float]:
-    """Every item's routing score (caption first, else image fallback); unreadable images left out."""
+def _routing_scores(
+    items: list[WorkItem], prescored: dict, max_side: int
+) -> list[tuple[float, tuple[int, int]]]:
+    """Every item's routing score (caption first, else image fallback) and the ``(H, W)`` it will
+    be encoded at; unreadable images left out."""
     values = []
     for item in items:
         try:
-            image = lambda item=item: limit_max_side(item.load(), max_side)  # noqa: E731
-            values.append(routing_score(prescored.get(item.id), image).score)
+            image = limit_max_side(item.load(), max_side)
         except ImageLoadError:
-            pass
+            continue
+        values.append((routing_score(prescored.get(item.id), image).score, (image.height, image.width)))
     return values
 
 
 def _calibrated_policy(state, base: RoutingPolicy, my_items, prescored: dict, settings) -> RoutingPolicy:
-    """Thresholds fitted on the scores of the whole run (gathered from every process)."""
+    """Thresholds fitted on the scores of the whole run (gathered from every process), with the
+    budget counted at the sizes the images will be encoded at."""
     values = _routing_scores(my_items, prescored, settings.max_side)
     if state.num_processes > 1:
         values = gather_object(values)
     if not values:
         raise FatalError("--target-mean-tokens: no image could be scored for calibration")
+    scores = [score for score, _ in values]
+    sizes = [tuple(size) for _, size in values]
     try:
         return RoutingPolicy.calibrate(
-            values, target_mean_tokens=settings.target_mean_tokens, image_size=256, base=base
+            scores,
+            target_mean_tokens=settings.target_mean_tokens.mean_tokens(sizes),
+            image_size=sizes,
+            base=base,
         )
     except ValueError as error:
-        raise FatalError(f"--target-mean-tokens: {error}") from None
+        raise FatalError(f"--target-mean-tokens {settings.target_mean_tokens}: {error}") from None
 
 
 @dataclass

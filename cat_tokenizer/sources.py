@@ -268,7 +268,13 @@ def load_hf_dataset(source: HFSource):
             dataset = datasets.load_from_disk(source.path)
         else:
             dataset = datasets.load_dataset(source.path, split=source.split, streaming=source.streaming)
-    except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (
+        FileNotFoundError,
+        ConnectionError,
+        ValueError,
+        KeyError,
+        datasets.exceptions.DatasetNotFoundError,
+    ) as error:
         raise FatalError(f"--hf-dataset {source.path!r} split {source.split!r}: {error}") from None
     if source.streaming and isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset(num_shards=max(1, -(-len(dataset) // source.rows_per_shard)))

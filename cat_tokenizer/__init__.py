@@ -23,9 +23,24 @@ _LAZY = {
     "encode": "cat_tokenizer.tokenizer",
     "decode": "cat_tokenizer.tokenizer",
     "Encoded": "cat_tokenizer.encoded",
+    "read_records": "cat_tokenizer.readers",
+    "load_latent": "cat_tokenizer.readers",
+    "iter_encoded": "cat_tokenizer.readers",
+    "read_index": "cat_tokenizer.readers",
 }
 
-__all__ = ["CATTokenizer", "Encoded", "decode", "default_tokenizer", "encode", "__version__"]
+__all__ = [
+    "CATTokenizer",
+    "Encoded",
+    "decode",
+    "default_tokenizer",
+    "encode",
+    "iter_encoded",
+    "load_latent",
+    "read_index",
+    "read_records",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

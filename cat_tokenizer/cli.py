@@ -2,6 +2,8 @@
 
 ```
 cat-tokenize --images DIR [--captions captions.jsonl] --out OUT [--ratio auto|8|16|32] ...
+cat-tokenize --shards 'in/{00000..00099}.tar' --out OUT [--format safetensors|webdataset] ...
+cat-tokenize --hf-dataset ID_OR_PATH --split train --image-column image --caption-column caption --out OUT
 cat-tokenize decode --tokens OUT --out recon/
 ```
 
@@ -17,8 +19,9 @@ one line on stderr (set ``CAT_TOKENIZER_DEBUG=1``, or the older ``CAT_TOKENIZE_D
 traceback).
 
 Scale-out: run the same command under ``accelerate launch`` (multi-GPU, multi-node); the image
-list is split with ``PartialState.split_between_processes``, each rank writes its own shards and
-rank 0 merges the manifest.
+list (or, with ``--shards`` / ``--hf-dataset``, the list of input shards:
+:mod:`~cat_tokenizer.cli_shards`) is split with ``PartialState.split_between_processes``, each
+rank writes its own shards and rank 0 merges the manifest.
 
 Files: :mod:`~cat_tokenizer.cli_args` (parsers -> typed settings, :mod:`~cat_tokenizer.cli_settings`),
 :mod:`~cat_tokenizer.cli_tokenize` (orchestration), :mod:`~cat_tokenizer.cli_summary`,
@@ -33,6 +36,7 @@ import sys
 from cat_foundations.cli import run_cli
 from cat_tokenizer.cli_args import decode_parser, parse_decode, parse_tokenize, tokenize_parser
 from cat_tokenizer.cli_decode import run_decode
+from cat_tokenizer.cli_shards import run_sharded
 from cat_tokenizer.cli_summary import format_summary, summarize
 from cat_tokenizer.cli_tokenize import run_tokenize
 
@@ -46,7 +50,8 @@ def _dispatch(argv: list[str]) -> int:
         return run_decode(parse_decode(argv[1:]))
     if argv and argv[0] == "tokenize":
         argv = argv[1:]
-    return run_tokenize(parse_tokenize(argv))
+    settings = parse_tokenize(argv)
+    return run_sharded(settings) if settings.sharded else run_tokenize(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,14 @@ raise :class:`cat_foundations.cli.FatalError` (exit code 1, one line).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from cat_foundations.cli import OneLineParser
 from cat_foundations.ratios import RATIOS
-from cat_tokenizer.cli_settings import DecodeSettings, TokenizeSettings
+from cat_tokenizer.cli_settings import DecodeSettings, TokenBudget, TokenizeSettings
 
 TOKENIZE_EPILOG = """\
 images:
@@ -25,9 +26,17 @@ captions.jsonl:
   one JSON object per line: {"image": "sub/a.jpg", "caption": "..."}; "file_name" may replace
   "image" and "text" may replace "caption". Images without a line (or with an empty caption) are
   routed by the JPEG bits-per-pixel fallback, or skipped with --require-captions.
+sharded input (--shards, --hf-dataset):
+  one output shard per input shard, named after it, with the input's sample keys (--format
+  safetensors: shards/NAME.safetensors; webdataset: shards/NAME.tar), plus shards/NAME.meta.json,
+  the commit marker. An input shard is done when both exist: --resume never redoes it and redoes
+  a half-done one whole. Unreadable members, samples without a caption (routed by the image
+  fallback), truncated shards and missing columns land in errors.jsonl with shard and key.
 output (OUT):
-  shards/*.safetensors (latents; each shard is written atomically and also holds its manifest
-  records), manifest.jsonl, errors.jsonl (path, line, reason), summary.json, run.json.
+  shards/ (latents; each shard is written atomically and also holds its manifest records),
+  manifest.jsonl, index.parquet (one row per image: key, shard, ratio, latent shape, tokens,
+  score, router and VAE provenance), latents_stats.json (per-channel mean/std per ratio),
+  errors.jsonl (path, line, reason[, shard, key]), summary.json, run.json.
 exit codes:
   0 all images tokenized, 2 some images or caption lines failed (see errors.jsonl), 1 fatal.
 scale-out:
@@ -35,11 +44,25 @@ scale-out:
   splits the images across processes (on a machine without GPUs the processes form a CPU/gloo
   group); add --router-backend vllm to score each process's captions in one vLLM pass first.
   Multi-node: --out must be on a filesystem every node sees (rank 0 merges the manifest there).
+  With --shards/--hf-dataset the input shards (not images) are split across the processes.
 """
 
 
-
 # ---- argument types ------------------------------------------------------------------------
+
+
+def _token_budget(value: str) -> TokenBudget:
+    if value.endswith("x") and value[:-1] in {str(r) for r in RATIOS}:
+        return TokenBudget(like_ratio=int(value[:-1]))
+    try:
+        tokens = float(value)
+    except ValueError:
+        tokens = math.nan
+    if not math.isfinite(tokens) or tokens <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--target-mean-tokens must be a positive number of tokens or 8x/16x/32x, got {value!r}"
+        )
+    return TokenBudget(tokens=tokens)
 
 
 def _ratio(value: str):
@@ -83,7 +106,33 @@ def tokenize_parser() -> argparse.ArgumentParser:
 
 def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     """The input/output options."""
-    parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder of images (searched recursively)")
+    source.add_argument(
+        "--shards",
+        help="webdataset tar shards, brace-expanded: 'in/{00000..00099}.tar' (KEY.jpg|png|webp + KEY.txt|json); "
+        "local paths or any URL / pipe: form webdataset opens",
+    )
+    source.add_argument(
+        "--hf-dataset", metavar="ID_OR_PATH", help="a Hugging Face dataset: Hub id or local folder (datasets)"
+    )
+    parser.add_argument("--split", default="train", help="--hf-dataset split (default train)")
+    parser.add_argument("--image-column", default="image", help="--hf-dataset image column (default image)")
+    parser.add_argument(
+        "--caption-column", default="caption", help="--hf-dataset caption column (default caption)"
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="--hf-dataset: stream it (IterableDataset); its files are the input shards",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("safetensors", "webdataset"),
+        default="safetensors",
+        help="output of --shards/--hf-dataset runs: safetensors (default) or webdataset "
+        "(tar of KEY.latent.safetensors + KEY.json per input shard)",
+    )
     parser.add_argument(
         "--captions",
         type=Path,
@@ -99,7 +148,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-size",
         type=_positive,
         default=256,
-        help="images per shard file, the unit of commit (default 256)",
+        help="images per shard file, the unit of commit (default 256); --hf-dataset (map-style): rows per input shard",
     )
     parser.add_argument(
         "--resume",
@@ -119,8 +168,11 @@ def _add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target-mean-tokens",
-        type=float,
-        help="calibrate the routing thresholds on this run's scores so the mean tokens per image, counted at 256x256 (1024/256/64 tokens at 8/16/32x), hits this budget",
+        type=_token_budget,
+        metavar="N|16x",
+        help="calibrate the routing thresholds on this run's scores so the mean tokens per image hits this budget: "
+        "a number, or 8x/16x/32x for as many tokens as that fixed ratio spends on these images; counted at the "
+        "sizes encoded (after --max-side, padded to 32), as summary.json counts them",
     )
     parser.add_argument(
         "--router-model",

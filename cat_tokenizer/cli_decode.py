@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL, FatalError
-from cat_tokenizer import store
+from cat_tokenizer import readers, store
 from cat_tokenizer.cli_settings import DecodeSettings
 from cat_tokenizer.cli_summary import log
 from cat_tokenizer.cli_tokenize import prepare_out_dir
@@ -35,8 +35,7 @@ def run_decode(settings: DecodeSettings) -> int:
     tokens_dir = settings.tokens
     if not tokens_dir.is_dir():
         raise FatalError(f"--tokens {tokens_dir} is not a folder")
-    manifest = tokens_dir / store.MANIFEST
-    records = store.read_jsonl(manifest) if manifest.exists() else store.read_shard_records(tokens_dir)
+    records = readers.read_records(tokens_dir)
     if not records:
         raise FatalError(f"{tokens_dir} holds no tokenized images (no manifest.jsonl, no shards)")
     run_info = tokens_dir / store.RUN_INFO
@@ -50,13 +49,15 @@ def run_decode(settings: DecodeSettings) -> int:
     tokenizer = CATTokenizer(vae, scorer=None)
     names = _png_names([r["id"] for r in records])
     errors = []
-    with tqdm(total=len(records), unit="img", disable=settings.quiet, desc="decode", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(records), unit="img", disable=settings.quiet, desc="decode", dynamic_ncols=True
+    ) as bar:
         for start in range(0, len(records), settings.batch_size):
             chunk = records[start : start + settings.batch_size]
             loaded = []
             for record in chunk:
                 try:
-                    loaded.append((record, store.load_latent(tokens_dir, record)))
+                    loaded.append((record, readers.load_latent(tokens_dir, record)))
                 except Exception as error:
                     errors.append(
                         {"path": record["id"], "line": None, "reason": f"cannot read latent: {error}"}

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
+from cat_foundations import hub
 from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL, FatalError
-from cat_foundations.images import ImageLoadError, limit_max_side, load_image
-from cat_tokenizer import store
+from cat_foundations.images import ImageLoadError, limit_max_side
+from cat_tokenizer import shard_store, store
 from cat_tokenizer.cli_settings import TokenizeSettings
-from cat_tokenizer.cli_summary import format_summary, log, summarize
+from cat_tokenizer.index import provenance
 from cat_tokenizer.jobs import WorkItem, plan_work
+from cat_tokenizer.run_outputs import RunOutputs, write_run_outputs
 from cat_tokenizer.tokenizer import CATTokenizer
 from nested_vae import NestedVAE
 from router import RoutingPolicy, routing_score
@@ -34,6 +35,7 @@ from router import RoutingPolicy, routing_score
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
 RESUME_KEYS = ("vae", "router_model", "ratio", "max_side", "policy")
+SHARDED_RESUME_KEYS = ("output_format",)  # sharded-input runs only; more input shards may be added
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -47,7 +49,7 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise FatalError(f"output folder {out_dir} is not writable: {error.strerror or error}") from None
 
 
-def _use_cpu(device: str | None) -> bool:
+def use_cpu(device: str | None) -> bool:
     """Whether the accelerate state should be CPU-only (gloo between processes when launched).
 
     accelerate only forms a multi-process CPU group when asked to (``PartialState(cpu=True)``),
@@ -58,8 +60,10 @@ def _use_cpu(device: str | None) -> bool:
     return wanted or (device is not None and device.startswith("cpu")) or not torch.cuda.is_available()
 
 
-def _run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
-    vae = settings.vae if settings.vae == "default" else str(Path(settings.vae).resolve())
+def run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
+    # Hub ids and "default" stay names; a local folder is recorded absolute so decode finds it anywhere.
+    keep = settings.vae == "default" or hub.is_hub_repo_id(settings.vae)
+    vae = settings.vae if keep else str(Path(settings.vae).resolve())
     return {
         "format": RUN_FORMAT,
         "vae": vae,
@@ -71,12 +75,13 @@ def _run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
     }
 
 
-def _check_resume_settings(out_dir: Path, run_info: dict) -> None:
+def check_resume_settings(out_dir: Path, run_info: dict) -> None:
     previous_path = out_dir / store.RUN_INFO
     if not previous_path.exists():
         return
     previous = json.loads(previous_path.read_text())
-    changed = [k for k in RESUME_KEYS if previous.get(k) != run_info[k]]
+    keys = RESUME_KEYS + tuple(k for k in SHARDED_RESUME_KEYS if k in run_info)
+    changed = [k for k in keys if previous.get(k) != run_info[k]]
     if changed:
         raise FatalError(
             f"--resume with different settings than the run in {out_dir} ({', '.join(changed)} changed)"
@@ -84,6 +89,8 @@ def _check_resume_settings(out_dir: Path, run_info: dict) -> None:
 
 
 def _check_inputs(settings: TokenizeSettings) -> None:
+    if settings.format != "safetensors" or settings.streaming:
+        raise FatalError("--format webdataset and --streaming apply to --shards / --hf-dataset input only")
     if not settings.images.is_dir():
         raise FatalError(f"--images {settings.images} is not a folder")
     if settings.captions is not None and not settings.captions.is_file():
@@ -92,7 +99,7 @@ def _check_inputs(settings: TokenizeSettings) -> None:
         raise FatalError("--target-mean-tokens needs --ratio auto")
 
 
-def _initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
+def initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
     """``--policy`` (or the defaults); on ``--resume`` with a budget, the first run's calibration."""
     try:
         policy = RoutingPolicy.load(settings.policy) if settings.policy else RoutingPolicy()
@@ -104,7 +111,7 @@ def _initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
     return policy
 
 
-def _load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATTokenizer:
+def load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATTokenizer:
     try:
         vae = NestedVAE.from_pretrained(settings.vae, device=settings.device, dtype=settings.dtype)
     except (OSError, ValueError) as error:
@@ -122,7 +129,7 @@ def _load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATTok
     )
 
 
-def _load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
+def load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
     if quiet:
         transformers_logging.disable_progress_bar()
     try:
@@ -131,38 +138,47 @@ def _load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
         raise FatalError(f"cannot load the router model {tokenizer.router_name!r}: {error}") from None
 
 
-def _prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
+def prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
     """Caption scores for ``items`` in ONE router call (vLLM path, calibration): id -> score."""
     captioned = [item for item in items if item.caption]
     scores = tokenizer.score_captions([item.caption for item in captioned])  # timed by the tokenizer
     return {item.id: score for item, score in zip(captioned, scores)}
 
 
-def _routing_scores(items: list[WorkItem], prescored: dict, max_side: int) -> list[float]:
-    """Every item's routing score (caption first, else image fallback); unreadable images left out."""
+def _routing_scores(
+    items: list[WorkItem], prescored: dict, max_side: int
+) -> list[tuple[float, tuple[int, int]]]:
+    """Every item's routing score (caption first, else image fallback) and the ``(H, W)`` it will
+    be encoded at; unreadable images left out."""
     values = []
     for item in items:
         try:
-            image = lambda item=item: limit_max_side(load_image(item.path), max_side)  # noqa: E731
-            values.append(routing_score(prescored.get(item.id), image).score)
+            image = limit_max_side(item.load(), max_side)
         except ImageLoadError:
-            pass
+            continue
+        values.append((routing_score(prescored.get(item.id), image).score, (image.height, image.width)))
     return values
 
 
 def _calibrated_policy(state, base: RoutingPolicy, my_items, prescored: dict, settings) -> RoutingPolicy:
-    """Thresholds fitted on the scores of the whole run (gathered from every process)."""
+    """Thresholds fitted on the scores of the whole run (gathered from every process), with the
+    budget counted at the sizes the images will be encoded at."""
     values = _routing_scores(my_items, prescored, settings.max_side)
     if state.num_processes > 1:
         values = gather_object(values)
     if not values:
         raise FatalError("--target-mean-tokens: no image could be scored for calibration")
+    scores = [score for score, _ in values]
+    sizes = [tuple(size) for _, size in values]
     try:
         return RoutingPolicy.calibrate(
-            values, target_mean_tokens=settings.target_mean_tokens, image_size=256, base=base
+            scores,
+            target_mean_tokens=settings.target_mean_tokens.mean_tokens(sizes),
+            image_size=sizes,
+            base=base,
         )
     except ValueError as error:
-        raise FatalError(f"--target-mean-tokens: {error}") from None
+        raise FatalError(f"--target-mean-tokens {settings.target_mean_tokens}: {error}") from None
 
 
 @dataclass
@@ -181,14 +197,16 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     out_dir = settings.out
     _check_inputs(settings)
     prepare_out_dir(out_dir)  # every rank: a failure must not leave the others waiting at a barrier
-    policy = _initial_policy(settings)
+    policy = initial_policy(settings)
     existing = store.shard_paths(out_dir)
+    if shard_store.committed(out_dir):
+        raise FatalError(f"{out_dir} holds shards of a --shards/--hf-dataset run; use an empty folder")
     if existing and not settings.resume:
         raise FatalError(
             f"{out_dir} already holds {len(existing)} shard(s) of an earlier run; pass --resume or use an empty folder"
         )
     if settings.resume:
-        _check_resume_settings(out_dir, _run_info(settings, policy))
+        check_resume_settings(out_dir, run_info(settings, policy))
     try:
         plan = plan_work(settings.images, settings.captions, settings.require_captions)
     except OSError as error:
@@ -201,37 +219,45 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     state.wait_for_everyone()  # every rank has read the shards before any rank writes new ones
     todo = [item for item in plan.items if item.id not in done_ids]
 
-    tokenizer = _load_tokenizer(settings, policy)
+    tokenizer = load_tokenizer(settings, policy)
     if settings.ratio is None and any(item.caption for item in todo):
-        _load_scorer_or_fail(tokenizer, settings.quiet)  # up front: a model that cannot load is fatal
+        load_scorer_or_fail(tokenizer, settings.quiet)  # up front: a model that cannot load is fatal
     setup_s = time.perf_counter() - started
     with state.split_between_processes(todo) as mine:
         my_items = list(mine)
     prescored = None
-    if settings.ratio is None and (settings.router_backend == "vllm" or settings.target_mean_tokens is not None):
-        prescored = _prescore(tokenizer, my_items)
+    if settings.ratio is None and (
+        settings.router_backend == "vllm" or settings.target_mean_tokens is not None
+    ):
+        prescored = prescore(tokenizer, my_items)
     saved_policy = out_dir / "policy.json"
     if settings.target_mean_tokens is not None and not (settings.resume and saved_policy.exists()):
         tokenizer.policy = _calibrated_policy(state, tokenizer.policy, my_items, prescored, settings)
         if state.is_main_process:
             tokenizer.policy.save(saved_policy)
     if state.is_main_process:
-        store.atomic_write_json(out_dir / store.RUN_INFO, _run_info(settings, tokenizer.policy))
+        store.atomic_write_json(out_dir / store.RUN_INFO, run_info(settings, tokenizer.policy))
     return _Plan(plan, my_items, tokenizer, prescored, setup_s)
 
 
-def _error(item: WorkItem, reason: str) -> dict:
-    return {"path": item.id, "line": item.line, "reason": reason}
+def _details(item: WorkItem) -> dict:
+    """The manifest fields of an item beside its :meth:`Encoded.record`."""
+    details = {"path": item.id, "caption": item.caption, "caption_line": item.line}
+    if item.shard is not None:
+        details.update(source_shard=item.shard, sample_key=item.key)
+    return details
 
 
-def _encode_chunk(tokenizer, chunk: list[WorkItem], settings, prescored: dict | None, errors: list, writer) -> int:
+def encode_chunk(
+    tokenizer, chunk: list[WorkItem], settings, prescored: dict | None, errors: list, writer
+) -> int:
     """Load, route, encode and queue one chunk; bad images become error records. Returns #done."""
     loaded: list[tuple[WorkItem, object]] = []
     for item in chunk:
         try:
-            loaded.append((item, load_image(item.path)))
+            loaded.append((item, item.load()))
         except ImageLoadError as error:
-            errors.append(_error(item, error.reason))
+            errors.append(item.error(error.reason))
 
     def encode(pairs):
         scores = None if prescored is None else [prescored.get(item.id) for item, _ in pairs]
@@ -251,9 +277,9 @@ def _encode_chunk(tokenizer, chunk: list[WorkItem], settings, prescored: dict | 
             try:
                 encoded.append((pair, encode([pair])[0]))
             except Exception as error:
-                errors.append(_error(pair[0], f"encoding failed: {type(error).__name__}: {error}"))
+                errors.append(pair[0].error(f"encoding failed: {type(error).__name__}: {error}"))
     for (item, _), result in encoded:
-        writer.add(item.id, result, {"path": item.id, "caption": item.caption, "caption_line": item.line})
+        writer.add(item.id, result, _details(item))
     return len(encoded)
 
 
@@ -268,38 +294,37 @@ def _encode_all(state, settings: TokenizeSettings, work: _Plan) -> int:
     with tqdm(total=len(items), unit="img", disable=not show, desc="tokenize", dynamic_ncols=True) as bar:
         for start in range(0, len(items), chunk_size):
             chunk = items[start : start + chunk_size]
-            done += _encode_chunk(work.tokenizer, chunk, settings, work.prescored, errors, writer)
+            done += encode_chunk(work.tokenizer, chunk, settings, work.prescored, errors, writer)
             bar.update(len(chunk))
         writer.flush()
     store.write_jsonl(settings.out / f"errors.rank{state.process_index:02d}.jsonl", errors)
     return done
 
 
-def _merge_outputs(out_dir: Path, plan, process_stats: list[dict], wall_s: float, quiet: bool) -> None:
-    """Rank 0: manifest from the shards, errors from the rank parts, summary (all atomic)."""
-    records = sorted(store.read_shard_records(out_dir), key=lambda r: r["id"])
-    ids = [r["id"] for r in records]
-    if len(ids) != len(set(ids)):
-        duplicated = sorted(k for k, n in Counter(ids).items() if n > 1)
-        raise FatalError(
-            f"shards in {out_dir} hold duplicate images (e.g. {duplicated[0]}); the folder mixes runs"
-        )
-    store.write_jsonl(out_dir / store.MANIFEST, records)
+def _merge_outputs(
+    out_dir: Path, plan, origin: dict, scaling: float, process_stats: list[dict], wall_s: float, quiet: bool
+) -> None:
+    """Rank 0: manifest, index, stats and summary from the shards, errors from the rank parts."""
+    records = store.read_shard_records(out_dir)
     parts = sorted(out_dir.glob("errors.rank*.jsonl"))
     image_errors = [e for part in parts for e in store.read_jsonl(part)]
-    errors = plan.errors + sorted(image_errors, key=lambda e: e["path"])
-    store.write_jsonl(out_dir / store.ERRORS, errors)
+    run = RunOutputs(
+        records=records,
+        origins=[origin] * len(records),
+        errors=plan.errors + sorted(image_errors, key=lambda e: e["path"]),
+        stats=store.read_shard_stats(out_dir),
+        skipped_without_caption=len(plan.skipped_without_caption),
+        scaling_factor=scaling,
+    )
+    write_run_outputs(out_dir, run, process_stats, wall_s, quiet)
     for part in parts:
         part.unlink()
-    summary = summarize(records, errors, len(plan.skipped_without_caption), wall_s, process_stats)
-    store.atomic_write_json(out_dir / store.SUMMARY, summary)
-    log(format_summary(summary), quiet)
 
 
 def run_tokenize(settings: TokenizeSettings) -> int:
     """One ``cat-tokenize`` run on this rank; returns 0 (all done) or 2 (some items failed)."""
     started = time.perf_counter()
-    state = PartialState(cpu=_use_cpu(settings.device))
+    state = PartialState(cpu=use_cpu(settings.device))
     if settings.device is None:
         settings = dataclasses.replace(settings, device=str(state.device))
     work = _plan_run(state, settings, started)
@@ -310,7 +335,12 @@ def run_tokenize(settings: TokenizeSettings) -> int:
         process_stats = gather_object(process_stats)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_outputs(settings.out, work.plan, process_stats, time.perf_counter() - started, settings.quiet)
+        origin = provenance(
+            work.tokenizer, run_info(settings, work.tokenizer.policy)["vae"], settings.ratio is None
+        )
+        scaling = float(work.tokenizer.vae.config.scaling_factor)
+        wall_s = time.perf_counter() - started
+        _merge_outputs(settings.out, work.plan, origin, scaling, process_stats, wall_s, settings.quiet)
     state.wait_for_everyone()
     failed = len(store.read_jsonl(settings.out / store.ERRORS))
     return EXIT_PARTIAL if failed else EXIT_OK

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from cat_foundations.captions import read_captions_jsonl
+from cat_foundations.images import load_image, load_image_bytes
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,32 @@ class WorkItem:
         path: the file.
         caption: its caption, or None (image fallback).
         line: the captions.jsonl line it came from, or None.
+        data: the encoded image bytes when it does not live in a file of its own (a tar member,
+            a dataset cell); ``path`` is then None.
+        shard: the input shard it came from (``--shards`` / ``--hf-dataset`` runs), else None.
+        key: its sample key inside that shard, else None.
     """
 
     id: str
-    path: Path
+    path: Path | None
     caption: str | None
     line: int | None
+    data: bytes | None = field(default=None, repr=False)
+    shard: str | None = None
+    key: str | None = None
+
+    def load(self):
+        """The RGB PIL image (:func:`cat_foundations.images.load_image` rules, errors name the item)."""
+        if self.data is not None:
+            return load_image_bytes(self.data, f"{self.shard}:{self.key}" if self.shard else self.id)
+        return load_image(self.path)
+
+    def error(self, reason: str) -> dict:
+        """This item's errors.jsonl record (with shard and key for sharded input)."""
+        record = {"path": self.id, "line": self.line, "reason": reason}
+        if self.shard is not None:
+            record.update(shard=self.shard, key=self.key)
+        return record
 
 
 @dataclass

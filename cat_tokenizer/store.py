@@ -21,7 +21,8 @@ Under ``accelerate launch`` every rank writes its own shards (``r<rank>-*``) and
 ``errors.rank<rank>.jsonl`` part; rank 0 merges them after a barrier.
 
 Fault injection (tests only): with ``CAT_TOKENIZER_KILL_AFTER_SHARDS=N`` in the environment, the
-process SIGKILLs itself right after committing its N-th shard of the run, before any later write.
+process SIGKILLs itself right after committing its N-th shard of the run, before any later write
+(for ``--shards`` / ``--hf-dataset`` runs: its N-th input shard, :mod:`cat_tokenizer.shard_store`).
 Crash tests use it to kill a run at a known point, whatever the machine's speed.
 """
 
@@ -46,6 +47,7 @@ from cat_foundations.atomic import (  # noqa: F401  (re-exported: store.atomic_w
     write_jsonl,
 )
 from cat_tokenizer.encoded import Encoded
+from cat_tokenizer.latent_stats import LatentStats
 
 SHARD_FORMAT = "cat-tokenizer-shard-v1"
 SHARD_DIR = "shards"
@@ -72,6 +74,16 @@ def shard_paths(out_dir: Path) -> list[Path]:
         return []
     found = [(m, p) for p in directory.iterdir() if (m := _SHARD_NAME.match(p.name))]
     return [p for m, p in sorted(found, key=lambda item: (int(item[0][1]), int(item[0][2])))]
+
+
+def read_shard_stats(out_dir: Path) -> LatentStats:
+    """The latent sums of every committed shard (:mod:`cat_tokenizer.latent_stats`), summed."""
+    total = LatentStats()
+    for path in shard_paths(out_dir):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        total = total.merge(LatentStats(json.loads(metadata.get("stats", "{}"))))
+    return total
 
 
 def read_shard_records(out_dir: Path) -> list[dict]:
@@ -117,7 +129,7 @@ class ShardWriter:
         self.next_sequence = max(own, default=-1) + 1
         self.pending: list[tuple[str, Encoded, dict]] = []
         self.shards_this_run = 0
-        self.kill_after_shards = _kill_after_shards()
+        self.kill_after_shards = kill_after_shards()
 
     def add(self, image_id: str, encoded: Encoded, details: dict) -> None:
         """Queue one image; commits a shard when ``shard_size`` images are queued."""
@@ -132,19 +144,30 @@ class ShardWriter:
         name = f"{SHARD_DIR}/r{self.rank:02d}-{self.next_sequence:05d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
         records = []
+        stats = LatentStats()
         for image_id, encoded, details in self.pending:
             tensors[image_id] = encoded.latent.detach().to("cpu", torch.float32).contiguous()
+            stats.add(encoded.ratio, tensors[image_id])
             records.append({"id": image_id, **details, **encoded.record(), "shard": name, "key": image_id})
-        metadata = {"format": SHARD_FORMAT, "records": json.dumps(records, ensure_ascii=False)}
+        metadata = {
+            "format": SHARD_FORMAT,
+            "records": json.dumps(records, ensure_ascii=False),
+            "stats": json.dumps(stats.to_dict()),
+        }
         atomic_write_bytes(self.out_dir / name, save(tensors, metadata))
         self.next_sequence += 1
         self.pending = []
         self.shards_this_run += 1
-        if self.shards_this_run == self.kill_after_shards:
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_if_fault_point(self.shards_this_run, self.kill_after_shards)
 
 
-def _kill_after_shards() -> int | None:
+def die_if_fault_point(commits_this_run: int, kill_after: int | None) -> None:
+    """SIGKILL this process when it has just made its ``kill_after``-th commit (the test hook)."""
+    if commits_this_run == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_after_shards() -> int | None:
     """The fault-injection point from :data:`KILL_AFTER_SHARDS_ENV` (``None`` when unset)."""
     value = os.environ.get(KILL_AFTER_SHARDS_ENV, "").strip()
     if not value:

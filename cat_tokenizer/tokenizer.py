@@ -26,6 +26,7 @@ from the posterior instead (pass a ``torch.Generator`` for reproducible draws).
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -33,11 +34,13 @@ from pathlib import Path
 
 import torch
 
+from cat_foundations import hub
 from cat_foundations.atomic import atomic_write_json
 from cat_foundations.captions import clean_caption
 from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_tokenizer.encoded import Encoded
 from nested_vae import NestedVAE
+from nested_vae.model import CONFIG_NAME, WEIGHTS_NAME
 from router import RoutingPolicy, load_scorer
 
 DEFAULT_MAX_SIDE = 2048
@@ -97,11 +100,15 @@ class CATTokenizer:
         router_backend: str = "transformers",
         max_side: int | None = DEFAULT_MAX_SIDE,
         router_options: dict | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> CATTokenizer:
         """Build a tokenizer from named or saved parts.
 
         Args:
-            path: a directory written by :meth:`save_pretrained`; its VAE, router name and policy
+            path: a directory written by :meth:`save_pretrained`, or a Hugging Face Hub repo id
+                ``org/name`` holding one (fetched into the HF cache; ``revision``/``token`` apply;
+                with ``HF_HUB_OFFLINE=1`` read from the cache). Its VAE, router name and policy
                 are used for any of ``vae`` / ``router`` / ``policy`` left at their defaults.
             vae: ``"default"`` (the checkpoint shipped in ``nested_vae/weights/default``), a
                 directory written by ``NestedVAE.save_pretrained``, or a ``NestedVAE``.
@@ -116,7 +123,7 @@ class CATTokenizer:
             max_side: see the class docstring.
         """
         if path is not None:
-            path = Path(path)
+            path = _bundle_folder(path, revision, token)
             config_path = path / BUNDLE_CONFIG
             if not config_path.is_file():
                 raise FileNotFoundError(
@@ -148,10 +155,21 @@ class CATTokenizer:
             router_options=router_options,
         )
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload CATTokenizer",
+    ) -> None:
         """Write ``vae/`` (NestedVAE.save_pretrained), ``policy.json`` and ``cat_tokenizer.json``.
 
-        The router LLM is not copied: the bundle records its name or path (``model_id``).
+        The router LLM is not copied: the bundle records its name or path (``model_id``). With
+        ``push_to_hub=True`` the folder is then uploaded to the Hub repo ``repo_id`` (default: the
+        directory's name), created if needed.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -166,6 +184,29 @@ class CATTokenizer:
             "max_side": self.max_side,
         }
         atomic_write_json(directory / BUNDLE_CONFIG, bundle)
+        if push_to_hub:
+            hub.upload_folder(
+                directory,
+                repo_id or directory.name,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+            )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload CATTokenizer",
+    ) -> str:
+        """Upload this bundle (see :meth:`save_pretrained`) to the Hub repo ``repo_id``."""
+        with tempfile.TemporaryDirectory() as scratch:
+            self.save_pretrained(scratch)
+            return hub.upload_folder(
+                scratch, repo_id, private=private, token=token, commit_message=commit_message
+            )
 
     # ---- router ------------------------------------------------------------------------------
 
@@ -175,6 +216,11 @@ class CATTokenizer:
         if self._scorer is None or isinstance(self._scorer, (str, Path)):
             return None if self._scorer is None else str(self._scorer)
         return getattr(self._scorer, "model_id", None)
+
+    @property
+    def loaded_scorer(self):
+        """The router scorer if it is loaded (None before its first use, or without a router)."""
+        return None if isinstance(self._scorer, (str, Path)) else self._scorer
 
     @property
     def scorer(self):
@@ -341,6 +387,19 @@ class CATTokenizer:
     def decode(self, encoded: Encoded, output: str = "pil"):
         """Reconstruct one image: an RGB PIL image (or a CxHxW tensor in [-1, 1]) of ``encoded.size``."""
         return self.decode_batch([encoded], output=output)[0]
+
+
+def _bundle_folder(path: str | Path, revision: str | None, token: str | bool | None) -> Path:
+    """A bundle's local folder: ``path`` itself, or its Hub snapshot in the HF cache."""
+    if not hub.is_hub_repo_id(path):
+        return Path(path)
+    folder = hub.download_files(str(path), [BUNDLE_CONFIG], revision=revision, token=token)
+    bundle = json.loads((folder / BUNDLE_CONFIG).read_text())
+    vae = bundle.get("vae", "vae")
+    names = [f"{vae}/{CONFIG_NAME}", f"{vae}/{WEIGHTS_NAME}"] + (
+        [bundle["policy"]] if bundle.get("policy") else []
+    )
+    return hub.download_files(str(path), names, revision=revision, token=token)
 
 
 # ---- module-level convenience ----------------------------------------------------------------

@@ -36,21 +36,26 @@ def export_checkpoint(
     out: str | Path,
     dtype: str = "float16",
     scaling_images: list[torch.Tensor] | None = None,
+    weights: str = "ema",
 ) -> Path:
-    """Export the EMA weights of a training checkpoint with ``save_pretrained``.
+    """Export the EMA (or raw) weights of a training checkpoint with ``save_pretrained``.
 
     Reads the run's ``config.yaml`` (two levels up from the checkpoint) for the model config,
     and the checkpoint's ``ema.safetensors`` (its raw ``model.safetensors`` when the run kept no
-    EMA, said in the log).
+    EMA, said in the log, or when ``weights="raw"``: in a run much shorter than the EMA's
+    horizon, the average still holds a large share of the early weights).
     """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     checkpoint = Path(checkpoint)
     run_config = load_config(str(checkpoint.parent.parent / "config.yaml"))
     vae = build_vae(run_config)
     ema_file = checkpoint / EMA_WEIGHTS_NAME
-    if ema_file.is_file():
+    if weights == "ema" and ema_file.is_file():
         state = load_file(str(ema_file))
     else:
-        logger.warning("%s has no %s: exporting the raw (non-EMA) weights", checkpoint, EMA_WEIGHTS_NAME)
+        if weights == "ema":
+            logger.warning("%s has no %s: exporting the raw (non-EMA) weights", checkpoint, EMA_WEIGHTS_NAME)
         state = load_file(str(checkpoint / "model.safetensors"))
     vae.load_state_dict(state)
     vae.eval()
@@ -65,6 +70,12 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument(
+        "--weights",
+        default="ema",
+        choices=["ema", "raw"],
+        help="the EMA average (default) or the raw weights",
+    )
+    parser.add_argument(
         "--scaling-images", help="captions.jsonl / image folder whose latents set scaling_factor"
     )
     parser.add_argument("--split-file", help="JSON split file restricting --scaling-images")
@@ -77,5 +88,5 @@ def export_main(argv: list[str]) -> None:
             DataConfig(source=args.scaling_images, split_file=args.split_file, subset=args.subset)
         )
         images = [pil_to_tensor(center_crop_resize(load_image(row["image"]), args.size)) for row in dataset]
-    path = export_checkpoint(args.checkpoint, args.out, args.dtype, images)
+    path = export_checkpoint(args.checkpoint, args.out, args.dtype, images, args.weights)
     print(f"exported to {path}")

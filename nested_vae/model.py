@@ -38,8 +38,8 @@ model (encode/decode/forward, memory toggles, precision guard, checkpoint I/O).
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -47,13 +47,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-from cat_foundations.atomic import atomic_write_bytes, atomic_write_text
+from cat_foundations import hub
 from cat_foundations.ratios import PAD_MULTIPLE, RATIOS
 from cat_foundations.ratios import latent_size as _latent_size
 
+from . import checkpoint
+from .checkpoint import CONFIG_NAME, DEFAULT_WEIGHTS_DIR, WEIGHTS_NAME
 from .config import NestedVAEConfig
 from .decoder import Decoder
 from .encoder import Encoder
@@ -95,10 +95,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
-
 
 class NestedVAE(nn.Module):
     """One VAE, three compression ratios (8x, 16x, 32x per side) sharing one encoder/decoder trunk.
@@ -129,6 +125,9 @@ class NestedVAE(nn.Module):
         self.use_slicing = False
         self.upcast_on_overflow = True
         self.upcast_fallbacks = 0
+        # Set by from_pretrained: provenance for outputs that record which weights made them.
+        self.name_or_path: str | None = None
+        self.weights_path: Path | None = None
 
     # -- toggles ---------------------------------------------------------------------------------
 
@@ -381,20 +380,48 @@ class NestedVAE(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload NestedVAE",
+    ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
 
         Each file is written atomically (:func:`cat_foundations.atomic.atomic_write_bytes`): a
         reader sees the old file or the whole new one. The weights go last, so a directory whose
-        weights are complete also has its config.
+        weights are complete also has its config. With ``push_to_hub=True`` the folder is then
+        uploaded to the Hub repo ``repo_id`` (default: the directory's name), created if needed.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": type(self).__name__, **self.config.to_dict()}
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors(state, metadata={"format": "pt"}))
+        directory = checkpoint.write_checkpoint(self, directory)
+        if push_to_hub:
+            hub.upload_folder(
+                directory,
+                repo_id or directory.name,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+            )
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload NestedVAE",
+    ) -> str:
+        """Upload this model (``config.json`` + ``model.safetensors``) to the Hub repo ``repo_id``."""
+        with tempfile.TemporaryDirectory() as scratch:
+            self.save_pretrained(scratch)
+            return hub.upload_folder(
+                scratch, repo_id, private=private, token=token, commit_message=commit_message
+            )
 
     @classmethod
     def from_pretrained(
@@ -402,69 +429,39 @@ class NestedVAE(nn.Module):
         name_or_path: str | Path = "default",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
     ) -> NestedVAE:
         """Load a model saved by :meth:`save_pretrained`, in eval mode.
 
         Args:
             name_or_path: ``"default"`` for the checkpoint shipped in ``nested_vae/weights/default/``,
-                or a directory holding ``config.json`` and ``model.safetensors``.
+                a directory holding ``config.json`` and ``model.safetensors``, or a Hugging Face
+                Hub repo id ``org/name`` holding the same two files (downloaded into the HF cache;
+                with ``HF_HUB_OFFLINE=1`` read from it).
             device: where to put the model (default CPU).
             dtype: parameter dtype (default as saved, float32).
+            revision, cache_dir, token: Hub options (branch/tag/commit, HF cache folder, token).
+
+        The loaded model remembers where its files came from: ``model.name_or_path`` (what was
+        asked for) and ``model.weights_path`` (the ``model.safetensors`` read).
 
         Raises:
-            FileNotFoundError: the directory or one of its files is missing.
+            FileNotFoundError: the directory, the Hub repo or one of its files is missing.
             CheckpointError: the config is invalid or the weights have missing, unexpected or
                 mis-shaped tensors (all named).
         """
 
-        directory = DEFAULT_WEIGHTS_DIR if str(name_or_path) == "default" else Path(name_or_path)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                hint = (
-                    " The shipped checkpoint is produced by `cat-train` (nested_vae.train); "
-                    "pass a directory from save_pretrained instead."
-                    if str(name_or_path) == "default"
-                    else ""
-                )
-                raise FileNotFoundError(f"NestedVAE checkpoint file not found: {path}.{hint}")
-        try:
-            config_data = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CheckpointError(
-                f"{config_path}: line {error.lineno}: invalid JSON ({error.msg})"
-            ) from error
-        # Checkpoints saved before the pixel shortcut existed were trained without it, and those
-        # saved before trunk_shortcuts could be switched off all had them.
-        if isinstance(config_data, dict):
-            config_data.setdefault("pixel_shortcut", False)
-            config_data.setdefault("trunk_shortcuts", True)
-        try:
-            config = NestedVAEConfig.from_dict(config_data, source=str(config_path))
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{config_path}: {error}") from error
-        model = cls(config)
-        state = load_file(str(weights_path), device="cpu")
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mis_shaped = sorted(
-            f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-            for k in set(state) & set(expected)
-            if state[k].shape != expected[k].shape
-        )
-        if missing or unexpected or mis_shaped:
-            problems = [
-                f"{label} {keys}"
-                for label, keys in (
-                    ("missing keys", missing),
-                    ("unexpected keys", unexpected),
-                    ("mis-shaped tensors", mis_shaped),
-                )
-                if keys
-            ]
-            raise CheckpointError(
-                f"{weights_path} does not match the config in {config_path}: " + "; ".join(problems)
+        if str(name_or_path) == "default":
+            directory = DEFAULT_WEIGHTS_DIR
+        else:
+            directory = checkpoint.checkpoint_directory(
+                name_or_path, revision=revision, cache_dir=cache_dir, token=token
             )
-        model.load_state_dict(state, strict=True)
+        config, config_path, weights_path = checkpoint.read_config(directory, name_or_path)
+        model = cls(config)
+        checkpoint.load_weights(model, config_path, weights_path)
+        model.name_or_path, model.weights_path = str(name_or_path), weights_path
         return model.to(device=device or "cpu", dtype=dtype).eval()

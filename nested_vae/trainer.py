@@ -243,7 +243,9 @@ class Trainer:
                 json.dumps(self.state.state_dict(), default=float, indent=2)
             )
             if self.ema is not None:  # our own file, so export never reads accelerate's internals
-                save_file(self.ema.module.state_dict(), str(temporary / EMA_WEIGHTS_NAME))
+                # safetensors refuses the strided weights a channels-last model holds.
+                ema_state = {k: v.contiguous() for k, v in self.ema.module.state_dict().items()}
+                save_file(ema_state, str(temporary / EMA_WEIGHTS_NAME))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)

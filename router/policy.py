@@ -65,6 +65,19 @@ def routing_score(caption_score, image=None, *, image_score=None):
     return image_complexity_score(image() if callable(image) else image)
 
 
+def _tokens_per_image(image_size, count: int) -> np.ndarray:
+    """``(count, 3)`` token counts at 32x, 16x and 8x: one size for all images, or one per image."""
+    if isinstance(image_size, int) or (
+        isinstance(image_size, tuple) and len(image_size) == 2 and all(isinstance(v, int) for v in image_size)
+    ):
+        sizes = [image_size] * count
+    else:
+        sizes = [tuple(size) for size in image_size]
+        if len(sizes) != count:
+            raise ValueError(f"image_size has {len(sizes)} sizes for {count} scores: give one per score")
+    return np.array([[tokens_for(ratio, size) for ratio in sorted(RATIOS, reverse=True)] for size in sizes])
+
+
 def _score_values(scores: Sequence[ComplexityScore | float]) -> np.ndarray:
     values = np.array([s.score if isinstance(s, ComplexityScore) else float(s) for s in scores], dtype=float)
     if values.size == 0:
@@ -136,7 +149,7 @@ class RoutingPolicy:
         scores: Sequence[ComplexityScore | float],
         target_mean_tokens: float | None = None,
         oracle_ratios: Sequence[int] | None = None,
-        image_size: int | tuple[int, int] = 256,
+        image_size: int | tuple[int, int] | Sequence[tuple[int, int]] = 256,
         base: RoutingPolicy | None = None,
     ) -> RoutingPolicy:
         """Fit thresholds to a token budget or to oracle labels (give exactly one of the two).
@@ -150,7 +163,9 @@ class RoutingPolicy:
             oracle_ratios: per score, the smallest-token ratio whose reconstruction meets the
                 quality bar (computed by eval/). Thresholds maximise exact agreement; ties go to
                 fewer images routed coarser than their oracle (quality misses).
-            image_size: image size used to count tokens for the budget (int or (H, W)).
+            image_size: size at which tokens are counted for the budget: one for every image
+                (int or (H, W)), or one (H, W) per score -- the sizes actually encoded, so the
+                budget means what the run's summary reports.
             base: policy whose threshold gap is kept for budget calibration (default: defaults).
         """
         if (target_mean_tokens is None) == (oracle_ratios is None):
@@ -162,22 +177,29 @@ class RoutingPolicy:
 
     @classmethod
     def _fit_budget(cls, values: np.ndarray, target: float, image_size, base: RoutingPolicy) -> RoutingPolicy:
-        token_counts = {ratio: tokens_for(ratio, image_size) for ratio in RATIOS}
-        lowest, highest = token_counts[32], token_counts[8]
+        tokens = _tokens_per_image(image_size, values.size)  # (n, 3): tokens at 32x, 16x, 8x
+        lowest, highest = tokens[:, 0].mean(), tokens[:, 2].mean()
         if not lowest <= target <= highest:
             raise ValueError(
-                f"target_mean_tokens={target} is outside what routing can reach at this size "
-                f"({lowest} at all-32x .. {highest} at all-8x)"
+                f"target_mean_tokens={target:g} is outside what routing can reach on these images "
+                f"({lowest:g} at all-32x .. {highest:g} at all-8x)"
             )
         gap = base.high - base.low
         # Mean tokens only change when a threshold crosses a score, so these shifts (placing
         # ``low`` or ``high`` just above / at each score) cover every reachable budget.
         shifts = np.unique(np.concatenate([values - base.low, values - base.high]))
         shifts = np.sort(np.concatenate([shifts, shifts + 1e-6, [shifts.min() - 1.0, shifts.max() + 1.0]]))
-        sorted_values = np.sort(values)
+        order = np.argsort(values, kind="stable")
+        sorted_values = values[order]
+        # prefix[k, j]: tokens of the k lowest-scoring images, all at ratio column j.
+        prefix = np.vstack([np.zeros((1, 3)), np.cumsum(tokens[order], axis=0)])
         below_low = np.searchsorted(sorted_values, base.low + shifts, side="left")
         below_high = np.searchsorted(sorted_values, base.low + shifts + gap, side="left")
-        total = below_low * lowest + (below_high - below_low) * token_counts[16] + (values.size - below_high) * highest
+        total = (
+            prefix[below_low, 0]
+            + (prefix[below_high, 1] - prefix[below_low, 1])
+            + (prefix[-1, 2] - prefix[below_high, 2])
+        )
         best = int(np.argmin(np.abs(total / values.size - target)))  # first (smallest shift) on ties
         return cls(low=float(base.low + shifts[best]), high=float(base.low + shifts[best] + gap))
 

@@ -123,3 +123,11 @@ def _cli_args(images, out, vae, *extra) -> list[str]:
 def cli_args():
     """``cli_args(images, out, vae, *extra)`` -> the argv list of a ``cat-tokenize`` run."""
     return _cli_args
+
+
+@pytest.fixture
+def write_tar_shards():
+    """``write_tar_shards(directory, shards, per_shard, size=32)`` -> sample ids (``shard/key``)."""
+    from cat_tokenizer.testing import write_tar_shards
+
+    return write_tar_shards

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -176,7 +177,7 @@ def test_target_mean_tokens_calibrates_and_saves_the_policy(
             "--router-model",
             tiny_llama_dir,
             "--target-mean-tokens",
-            256,
+            6,  # tokens at the encoded size: these 32 px images have 16 / 4 / 1 at 8x / 16x / 32x
         )
         == 0
     )
@@ -185,14 +186,61 @@ def test_target_mean_tokens_calibrates_and_saves_the_policy(
     assert len(manifest) == len(names)
     assert all(r["ratio"] == policy.route(r["score"]) for r in manifest)
     assert sorted(r["score_source"] for r in manifest) == ["caption_llm"] * 3 + ["image_jpeg_bpp"] * 3
-    expected = RoutingPolicy.calibrate([r["score"] for r in manifest], target_mean_tokens=256, image_size=256)
+    expected = RoutingPolicy.calibrate(
+        [r["score"] for r in manifest],
+        target_mean_tokens=6,
+        image_size=[tuple(r["size"]) for r in manifest],
+    )
     assert (policy.low, policy.high) == pytest.approx((expected.low, expected.high))
+
+
+def test_budget_is_counted_at_the_encoded_sizes_and_has_a_fixed_ratio_form(
+    tiny_vae_dir, tiny_llama_dir, tmp_path
+):
+    # Images of very different sizes, --max-side shrinking the largest: a budget equal to what
+    # --ratio 16 spends on them must come out at that spend, not at a 256 px count of it.
+    images = tmp_path / "images"
+    images.mkdir()
+    sides = [(40, 200), (300, 90), (64, 64), (520, 400), (96, 160), (33, 47), (250, 250), (128, 72)]
+    for index, (width, height) in enumerate(sides):
+        pixels = np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"img_{index:03d}.png")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(
+        "".join(json.dumps({"image": f"img_{i:03d}.png", "caption": f"pattern {i}"}) + "\n" for i in range(8))
+    )
+    common = ["--captions", captions, "--router-model", tiny_llama_dir, "--max-side", 384]
+
+    def summary(out, *extra):
+        assert _tokenize(images, out, tiny_vae_dir, *common, *extra) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    fixed = summary(tmp_path / "fixed16", "--ratio", 16)
+    budgeted = summary(tmp_path / "budget", "--target-mean-tokens", fixed["mean_tokens"])
+    relative = summary(tmp_path / "relative", "--target-mean-tokens", "16x")
+    assert budgeted["mean_tokens_fixed16"] == pytest.approx(fixed["mean_tokens"])
+    manifest = read_jsonl(tmp_path / "budget" / "manifest.jsonl")
+    sizes = [tuple(r["size"]) for r in manifest]
+    reachable = RoutingPolicy.calibrate(
+        [r["score"] for r in manifest], target_mean_tokens=fixed["mean_tokens"], image_size=sizes
+    )
+    best = sum(tokens_for(reachable.route(r["score"]), tuple(r["size"])) for r in manifest) / len(manifest)
+    assert budgeted["mean_tokens"] == pytest.approx(best)
+    assert abs(budgeted["mean_tokens"] - fixed["mean_tokens"]) <= max(
+        tokens_for(8, size) - tokens_for(16, size) for size in sizes
+    ) / len(sizes)  # within one image's step of the budget
+    assert relative["mean_tokens"] == budgeted["mean_tokens"]
+    assert json.loads((tmp_path / "relative" / "policy.json").read_text()) == json.loads(
+        (tmp_path / "budget" / "policy.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["--ratio", "12"], "--ratio must be auto, 8, 16 or 32"),
+        (["--target-mean-tokens", "12x"], "a positive number of tokens or 8x/16x/32x"),
+        (["--target-mean-tokens", "-5"], "a positive number of tokens or 8x/16x/32x"),
         (["--batch-size", "0"], "positive integer"),
         (["--images", "/no/such/folder"], "is not a folder"),
         (["--captions", "/no/such/captions.jsonl"], "not a readable file"),

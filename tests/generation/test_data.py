@@ -96,3 +96,13 @@ def test_a_malformed_stats_file_names_itself(tmp_path):
     path.write_text(json.dumps({"8": {"mean": [0.0, 1.0], "std": [1.0]}}))
     with pytest.raises(ValueError, match="latents_stats.json"):
         LatentStats.load(path)
+
+
+def test_the_tokenizer_s_own_stats_file_agrees_with_computing_from_the_latents(tiny_tokens):
+    written = LatentStats.load(tiny_tokens / STATS_FILE)  # cat-tokenize writes it at the end of a run
+    computed = compute_stats(read_tokens(tiny_tokens))
+    assert sorted(written.per_ratio) == sorted(computed.per_ratio) == [8, 16, 32]
+    for ratio in computed.per_ratio:
+        assert torch.allclose(written.of(ratio).mean, computed.of(ratio).mean, atol=1e-5)
+        assert torch.allclose(written.of(ratio).std.clamp_min(MIN_STD), computed.of(ratio).std, atol=1e-4)
+        assert written.of(ratio).count == computed.of(ratio).count

@@ -123,3 +123,16 @@ def test_tiny_and_resize_helpers():
     assert center_crop_resize(Image.new("RGB", (300, 200)), 128).size == (128, 128)
     assert limit_max_side(Image.new("RGB", (8000, 6000)), 1024).size == (1024, 768)
     assert limit_max_side(Image.new("RGB", (100, 50)), 1024).size == (100, 50)
+
+
+def test_load_image_bytes_decodes_in_memory_images_and_names_the_source():
+    from cat_foundations.images import load_image_bytes
+    from cat_tokenizer.testing import png_bytes
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (6, 4), (255, 0, 0, 0)).save(buffer, format="PNG")
+    image = load_image_bytes(buffer.getvalue(), "00003.tar:key1")
+    assert image.mode == "RGB" and image.size == (6, 4) and image.getpixel((0, 0)) == (255, 255, 255)
+    noise = png_bytes(seed=1)
+    with pytest.raises(ImageLoadError, match=r"00003.tar:key1: corrupt or truncated image"):
+        load_image_bytes(noise[: len(noise) // 2], "00003.tar:key1")

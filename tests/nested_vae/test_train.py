@@ -272,11 +272,18 @@ def test_start_step_continues_the_schedule_from_exported_weights(tmp_path, capti
         load_config(None, _overrides(tmp_path / "x", captions_file, max_steps=4, start_step=2))
 
 
-def test_export_checkpoint_writes_the_ema_weights_from_the_checkpoint(tmp_path, captions_file):
-    trainer = _run(_overrides(tmp_path / "run", captions_file, max_steps=2, **{"loss.perceptual": "none"}))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_export_checkpoint_writes_the_ema_weights_from_the_checkpoint(tmp_path, captions_file, channels_last):
+    overrides = {"loss.perceptual": "none", "channels_last": channels_last}
+    trainer = _run(_overrides(tmp_path / "run", captions_file, max_steps=2, **overrides))
     path = export_checkpoint(checkpoint_dirs(tmp_path / "run")[-1], tmp_path / "export", "float32")
     exported = NestedVAE.from_pretrained(path).state_dict()
     raw = trainer.accelerator.unwrap_model(trainer.vae).state_dict()
     for name, tensor in trainer.ema.module.state_dict().items():
         assert torch.equal(exported[name], tensor), name
     assert any(not torch.equal(raw[name], exported[name]) for name in raw)  # EMA, not the raw weights
+    raw_path = export_checkpoint(
+        checkpoint_dirs(tmp_path / "run")[-1], tmp_path / "raw", "float32", weights="raw"
+    )
+    exported_raw = NestedVAE.from_pretrained(raw_path).state_dict()
+    assert all(torch.equal(exported_raw[name], raw[name].contiguous()) for name in raw)

@@ -44,6 +44,27 @@ def test_budget_calibration_hits_the_target_on_synthetic_scores(target):
     assert policy.high - policy.low == pytest.approx(RoutingPolicy().high - RoutingPolicy().low)
 
 
+def test_budget_calibration_counts_tokens_at_each_images_own_size():
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(1, 9, size=400)
+    # Big images at the low scores, small ones at the high scores: counting every image at 256 px
+    # would put the thresholds far from the budget the encoded sizes spend.
+    sides = np.where(scores < 5, 512, 128).tolist()
+    sizes = [(side, side + 64) for side in sides]
+    target = float(np.mean([tokens_for(16, size) for size in sizes]))
+    policy = RoutingPolicy.calibrate(scores.tolist(), target_mean_tokens=target, image_size=sizes)
+    spent = np.mean([tokens_for(policy.route(s), size) for s, size in zip(scores, sizes)])
+    assert spent == pytest.approx(target, rel=0.01)
+    at_256 = RoutingPolicy.calibrate(scores.tolist(), target_mean_tokens=target, image_size=256)
+    spent_at_256 = np.mean([tokens_for(at_256.route(s), size) for s, size in zip(scores, sizes)])
+    assert abs(spent_at_256 - target) > 0.2 * target  # the old count misses this budget badly
+
+
+def test_per_image_sizes_must_match_the_scores():
+    with pytest.raises(ValueError, match="one per score"):
+        RoutingPolicy.calibrate([1.0, 5.0, 7.0], target_mean_tokens=100, image_size=[(64, 64), (64, 64)])
+
+
 def test_budget_outside_the_reachable_range_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         RoutingPolicy.calibrate([1.0, 5.0], target_mean_tokens=5000, image_size=256)

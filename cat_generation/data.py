@@ -33,6 +33,7 @@ class LatentItem:
         caption: the caption it was routed by, or None.
         score: the router's complexity score (1..9), or None when the ratio was fixed.
         label: the class/domain index used for conditioning (see :func:`assign_labels`).
+        scaling_factor: the VAE's ``config.scaling_factor`` the tokens were made with.
     """
 
     id: str
@@ -42,6 +43,7 @@ class LatentItem:
     caption: str | None = None
     score: float | None = None
     label: int = 0
+    scaling_factor: float = 1.0
 
     @property
     def tokens(self) -> int:
@@ -67,6 +69,7 @@ def read_tokens(directory: str | Path) -> list[LatentItem]:
                 size=tuple(encoded.size),
                 caption=record.get("caption"),
                 score=encoded.score,
+                scaling_factor=encoded.scaling_factor,
             )
         )
     if not items:

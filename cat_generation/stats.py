@@ -8,9 +8,9 @@ convention of diffusers' ``latents_mean`` / ``latents_std``, kept once per ratio
 On disk: ``latents_stats.json`` beside the shards of a ``cat-tokenize`` output folder,
 ``{"ratios": {"8": {"mean": [...C], "std": [...C], "positions": N}, "16": {...}, ...}, ...}`` (ratio
 keys as strings, JSON's only key type; ``positions`` is the number of latent positions averaged):
-the layout ``cat-tokenize`` itself writes at the end of every run
-(:mod:`cat_tokenizer.latent_stats`), with more keys beside ``mean``/``std`` that are ignored here. The flat form without the
-``"ratios"`` wrapper is read too. :func:`load_or_compute_stats` reads the file when present and
+the layout ``cat-tokenize`` itself writes at the end of every run (:mod:`cat_tokenizer.latent_stats`),
+with more keys beside ``mean``/``std`` that are ignored here. The flat form without the ``"ratios"``
+wrapper is read too. :func:`load_or_compute_stats` reads the file when present and
 otherwise computes it from the latents and writes it there.
 """
 
@@ -25,12 +25,12 @@ import torch
 
 from cat_foundations.atomic import atomic_write_json
 from cat_foundations.ratios import RATIOS, check_ratio
+from cat_tokenizer.latent_stats import LatentStats as TokenizerLatentStats
+from cat_tokenizer.run_outputs import LATENT_STATS as STATS_FILE
 
 from .data import LatentItem
 
-STATS_FILE = "latents_stats.json"
 MIN_STD = 1e-6  # a constant channel must not divide by zero
-SOURCE = "cat_generation.stats: computed from the shards' latents"
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class LatentStats:
             str(ratio): {"mean": s.mean.tolist(), "std": s.std.tolist(), "positions": s.count}
             for ratio, s in sorted(self.per_ratio.items())
         }
-        return {"source": SOURCE, "ratios": ratios}
+        return {"ratios": ratios}
 
     @classmethod
     def from_json(cls, value: dict) -> LatentStats:
@@ -119,35 +119,38 @@ def _as_map(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype)[:, None, None]
 
 
+def _tokenizer_summary(items: Sequence[LatentItem]) -> dict:
+    """The ``latents_stats.json`` that ``cat-tokenize`` would have written for ``items``.
+
+    Computed by cat_tokenizer's own accumulator (float64 per-channel sums), so a file written here
+    and one written by a tokenize run are the same format from the same code.
+    """
+    if not items:
+        raise ValueError("no latents to compute statistics from")
+    sums = TokenizerLatentStats()
+    for item in items:
+        sums.add(check_ratio(item.ratio), item.latent)
+    return sums.summary(scaling_factor=items[0].scaling_factor)
+
+
 def compute_stats(items: Sequence[LatentItem]) -> LatentStats:
     """Per-ratio, per-channel mean and (population) std over every latent position of ``items``."""
-    per_ratio = {}
-    for ratio in RATIOS:
-        latents = [item.latent for item in items if check_ratio(item.ratio) == ratio]
-        if not latents:
-            continue
-        # (C, positions) over all images of this ratio; float64 so large sets do not drift.
-        values = torch.cat([latent.reshape(latent.shape[0], -1) for latent in latents], dim=1).double()
-        mean = values.mean(dim=1)
-        std = values.std(dim=1, correction=0).clamp_min(MIN_STD)
-        per_ratio[ratio] = RatioStats(mean.float(), std.float(), int(values.shape[1]))
-    if not per_ratio:
-        raise ValueError("no latents to compute statistics from")
-    return LatentStats(per_ratio)
+    return LatentStats.from_json(_tokenizer_summary(items))
 
 
 def load_or_compute_stats(directory: str | Path, items: Sequence[LatentItem]) -> LatentStats:
     """The tokens' ``latents_stats.json`` when present; else computed from ``items`` and saved there.
 
-    A read-only tokens folder is not an error: the statistics are then returned without being
-    saved (a training run keeps its own copy either way).
+    Every ``cat-tokenize`` run writes the file; older output folders lack it. A read-only tokens
+    folder is not an error: the statistics are then returned without being saved (a training run
+    keeps its own copy either way).
     """
     path = Path(directory) / STATS_FILE
     if path.is_file():
         return LatentStats.load(path)
-    stats = compute_stats(items)
+    summary = _tokenizer_summary(items)
     try:
-        stats.save(path)
+        atomic_write_json(path, summary)
     except OSError:
         pass
-    return stats
+    return LatentStats.from_json(summary)

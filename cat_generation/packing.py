@@ -14,6 +14,8 @@ Every token carries its image's index (``sequence_ids``; :data:`PAD_ID` on paddi
 ``sequence_ids[q] == sequence_ids[k]``, a boolean mask for torch's
 ``scaled_dot_product_attention``; padding tokens attend only to padding, so no row of the mask is
 empty (an all-False row would give NaN) and no real token ever sees padding.
+(``flex_attention`` block masks would skip the empty blocks, but torch 2.13 has no flex backward pass
+on CPU, where this package has to train too.)
 
 :func:`pad_latents` builds the same :class:`PackedBatch` with one image per row (the padded
 baseline, and what a ratio bucket of equal shapes needs: no padding at all), so a model has one

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -87,3 +89,13 @@ def upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
     )
     return str(getattr(info, "commit_url", info))
+
+
+def push_saved(save_pretrained: Callable[[Path], object], repo_id: str, **upload_options) -> str:
+    """``push_to_hub`` of anything with a ``save_pretrained``: save into a scratch folder, upload it.
+
+    ``upload_options`` are :func:`upload_folder`'s (``private``, ``token``, ``commit_message``).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        save_pretrained(Path(scratch))
+        return upload_folder(scratch, repo_id, **upload_options)

@@ -26,7 +26,6 @@ from the posterior instead (pass a ``torch.Generator`` for reproducible draws).
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -202,11 +201,9 @@ class CATTokenizer:
         commit_message: str = "Upload CATTokenizer",
     ) -> str:
         """Upload this bundle (see :meth:`save_pretrained`) to the Hub repo ``repo_id``."""
-        with tempfile.TemporaryDirectory() as scratch:
-            self.save_pretrained(scratch)
-            return hub.upload_folder(
-                scratch, repo_id, private=private, token=token, commit_message=commit_message
-            )
+        return hub.push_saved(
+            self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message
+        )
 
     # ---- router ------------------------------------------------------------------------------
 

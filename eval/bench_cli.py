@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from cat_foundations.atomic import atomic_write_json, atomic_write_text
 from cat_foundations.images import center_crop_resize, load_image
 from nested_vae import NestedVAE
 from nested_vae.model import DEFAULT_WEIGHTS_DIR
@@ -210,14 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     table = format_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_cli.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out / "bench_cli.json", result)
     note = (
         f"# cat-tokenize end to end: {args.images} devset images at {args.size}x{args.size}, CPU\n\n"
         f"VAE: {vae_description}. Router: {args.router_model}. Batch size {args.batch_size}. "
         f"{os.cpu_count()} CPU cores, {args.threads} thread(s) per process, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
         f"{table}\n"
     )
-    (args.out / "bench_cli.md").write_text(note)
+    atomic_write_text(args.out / "bench_cli.md", note)
     print(note)
 
 

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # the vLLM virtualenv runs this file without the 
 import numpy as np  # noqa: E402  (after the sys.path line above: the vLLM virtualenv needs it)
 import torch  # noqa: E402
 
-from cat_foundations.atomic import iter_json_lines  # noqa: E402
+from cat_foundations.atomic import atomic_write_json, iter_json_lines  # noqa: E402
 from router import load_scorer  # noqa: E402
 
 try:
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(out.read_text())
         other = "vllm" if args.backend == "transformers" else "transformers"
         compare_backends(result, RESULTS / f"router_{other}.json")
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(out, result, indent=1)
         print_report(result)
         return 0
     result = run(args)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     compare_backends(result, RESULTS / f"router_{other}.json")
     out = args.out or RESULTS / f"router_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out, result, indent=1)
     print_report(result)
     print(f"  wrote {out}")
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from cat_foundations.atomic import atomic_write_json, atomic_write_text
 from cat_foundations.images import center_crop_resize, load_image
 from eval.bench_cli import REPO_ROOT, default_devset, resolve_vae
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     table = format_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_shards.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out / "bench_shards.json", result)
     note = (
         f"# cat-tokenize input paths: {args.images} images at {args.size}x{args.size}, CPU, fixed 16x\n\n"
         f"Folder + captions.jsonl vs {args.shards} webdataset tar shards of the same JPEG bytes. VAE: {vae_description}. "
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} thread(s) per process, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
         f"{table}\n"
     )
-    (args.out / "bench_shards.md").write_text(note)
+    atomic_write_text(args.out / "bench_shards.md", note)
     print(note)
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from cat_foundations.atomic import atomic_write_json
 from eval.bench_vae import peak_tensor_memory_bytes
 from nested_vae.train import Trainer, load_config
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"{'row':<30}{'s/step wall':>12}{'s/step cpu':>12}{'img/s':>8}{'peak MiB':>10}")
     for name, row in rows.items():
         print(

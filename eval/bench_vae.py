@@ -34,7 +34,6 @@ most 1.15x the 8x path's time.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -45,6 +44,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from cat_foundations.atomic import atomic_write_json
 from nested_vae import RATIOS, NestedVAE
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vae.json"
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args.sizes, args.ratios, args.repeats, args.checkpoint)
     print(format_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from cat_foundations.atomic import atomic_write_text
 from cat_foundations.cli import EXIT_OK, EXIT_PARTIAL
 from cat_foundations.ratios import RATIOS, tokens_for
 from eval.cli_settings import HeadroomSettings
@@ -375,7 +376,7 @@ def run_headroom(settings: HeadroomSettings) -> dict:
     settings.out.mkdir(parents=True, exist_ok=True)
     write_json(settings.out / "results.json", results)
     plot_gains(rows, summaries["all"], settings.out / "headroom.png")
-    (settings.out / "report.md").write_text(render_report(results))
+    atomic_write_text(settings.out / "report.md", render_report(results))
     return results
 
 

@@ -33,6 +33,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
+from cat_foundations.atomic import atomic_write_json
 from cat_foundations.cache import find_cached
 from router import load_scorer
 from router.policy import RoutingPolicy, tokens_for
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rules"]["fitted_on_train"] = fit_section(records, raw)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(args.out, result, indent=1)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -39,7 +39,6 @@ model (encode/decode/forward, memory toggles, precision guard, checkpoint I/O).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -417,11 +416,9 @@ class NestedVAE(nn.Module):
         commit_message: str = "Upload NestedVAE",
     ) -> str:
         """Upload this model (``config.json`` + ``model.safetensors``) to the Hub repo ``repo_id``."""
-        with tempfile.TemporaryDirectory() as scratch:
-            self.save_pretrained(scratch)
-            return hub.upload_folder(
-                scratch, repo_id, private=private, token=token, commit_message=commit_message
-            )
+        return hub.push_saved(
+            self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message
+        )
 
     @classmethod
     def from_pretrained(

@@ -64,6 +64,7 @@ class TokenizeSettings:
     vae: str = "default"
     router_model: str = "default"
     router_backend: str = "transformers"
+    router_dtype: torch.dtype | None = None  # None: the router's default (float32 on CPUs)
     score_cache: Path | None = None
     policy: Path | None = None
     max_side: int = 2048

@@ -34,7 +34,7 @@ from router import RoutingPolicy, routing_score
 
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
-RESUME_KEYS = ("vae", "router_model", "ratio", "max_side", "policy")
+RESUME_KEYS = ("vae", "router_model", "router_dtype", "ratio", "max_side", "policy")
 SHARDED_RESUME_KEYS = ("output_format",)  # sharded-input runs only; more input shards may be added
 
 
@@ -69,6 +69,7 @@ def run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
         "vae": vae,
         "router_model": settings.router_model,
         "router_backend": settings.router_backend,
+        "router_dtype": str(settings.router_dtype).removeprefix("torch.") if settings.router_dtype else None,
         "ratio": settings.ratio,
         "max_side": settings.max_side,
         "policy": {"low": policy.low, "high": policy.high},
@@ -119,6 +120,9 @@ def load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATToke
     if settings.tiling:
         vae.enable_tiling()
     options = {"cache_path": str(settings.score_cache)} if settings.score_cache else {}
+    if settings.router_dtype is not None:  # vLLM takes the dtype's name
+        name = str(settings.router_dtype).removeprefix("torch.")
+        options["dtype"] = name if settings.router_backend == "vllm" else settings.router_dtype
     return CATTokenizer(
         vae,
         scorer=None if settings.ratio is not None else settings.router_model,

@@ -1,6 +1,6 @@
 """Score cache: re-runs over a dataset skip captions already scored.
 
-Keyed by (model id, prompt version, caption). What is stored is the model's raw output (digit
+Keyed by (model id + the scorer's backend and dtype, prompt version, caption). What is stored is the model's raw output (digit
 distribution and flag probabilities), not the final score, so changing the
 :class:`~router.scores.CombinationRule` never needs a re-score. SQLite (standard library) because
 it is one file, safe to append to from several runs, and indexed by key.
@@ -64,6 +64,11 @@ class ScoreCache:
         self._db.close()
 
 
+def cache_key(scorer: ComplexityScorer) -> str:
+    """The model column of a scorer's cache rows: its id and numerics (a bf16 score is not an fp32 one)."""
+    return f"{scorer.model_id} [{scorer.numerics}]"
+
+
 class CachedScorer(ComplexityScorer):
     """Wraps a scorer: cached captions skip the model; new ones are scored once and stored.
 
@@ -77,16 +82,18 @@ class CachedScorer(ComplexityScorer):
         self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
         self.model_id = scorer.model_id
         self.rule = scorer.rule
+        self.numerics = scorer.numerics
+        self._key = cache_key(scorer)
         self.hits = 0
         self.misses = 0
 
     def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:
-        known = self.cache.get_many(self.model_id, captions)
+        known = self.cache.get_many(self._key, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in known]
         self.hits += sum(1 for c in captions if c in known)
         self.misses += len(missing)
         if missing:
             fresh = dict(zip(missing, self.inner.score_raw(missing)))
-            self.cache.put_many(self.model_id, fresh)
+            self.cache.put_many(self._key, fresh)
             known.update(fresh)
         return [known[c] for c in captions]

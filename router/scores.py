@@ -81,7 +81,11 @@ FEW_SHOT = (
     ("A flat icon of a house in two colours.", RATING_QUERY, "2"),
     ("A green meadow with a few trees under a cloudy sky.", "faces", "no"),
     ("A cartoon cat chasing a ball of yarn.", "charts", "no"),
-    ('A poster with the title "Summer Festival 2019" and dates in small print.', "text", '"Summer Festival 2019"'),
+    (
+        'A poster with the title "Summer Festival 2019" and dates in small print.',
+        "text",
+        '"Summer Festival 2019"',
+    ),
     ("A dog running on a beach under a clear sky.", RATING_QUERY, "5"),
     ("Two children laughing at a birthday party.", "faces", "yes"),
     ("A bar chart comparing five countries, with numbers above the bars.", "charts", "yes"),
@@ -89,7 +93,11 @@ FEW_SHOT = (
     ("A close-up of an old woman's face with wrinkles and grey hair.", RATING_QUERY, "7"),
     ("A clip art drawing of a yellow star with a thick outline.", "faces", "no"),
     ("A close-up portrait of a woman in a red scarf.", "charts", "no"),
-    ('A screenshot of a settings menu with labels such as "Wi-Fi" and "Bluetooth".', "text", '"Wi-Fi" "Bluetooth"'),
+    (
+        'A screenshot of a settings menu with labels such as "Wi-Fi" and "Bluetooth".',
+        "text",
+        '"Wi-Fi" "Bluetooth"',
+    ),
     ("A flow diagram of boxes connected by arrows with small captions.", RATING_QUERY, "8"),
     ("A bowl of oranges on a kitchen counter.", "faces", "no"),
     ("A scatter plot of two clusters of points with a legend.", "charts", "yes"),
@@ -318,7 +326,9 @@ def answer_token_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
                 seen[encoded[0]] = word
                 ids.append(encoded[0])
         if not ids:
-            raise ValueError(f"the tokenizer has no single token for the answer {word!r}: cannot read its probability")
+            raise ValueError(
+                f"the tokenizer has no single token for the answer {word!r}: cannot read its probability"
+            )
         result.append(ids)
     return result
 
@@ -367,19 +377,25 @@ class PromptTokens:
 
     def full_prompt_ids(self, caption: str, query: str) -> list[int]:
         """Token ids of the complete prompt for one (caption, query), as one sequence."""
-        return self.prefix_ids + self.encode(caption) + self.suffix_ids + self.key_ids[self.queries.index(query)]
+        return (
+            self.prefix_ids + self.encode(caption) + self.suffix_ids + self.key_ids[self.queries.index(query)]
+        )
 
 
 class ComplexityScorer(abc.ABC):
     """Scores captions. Implementations: transformers (default) and vLLM backends, cache wrapper.
 
     Attributes:
-        model_id: names the model (and so, with :data:`PROMPT_VERSION`, the cache key).
+        model_id: names the model (with :data:`PROMPT_VERSION` and :attr:`numerics`, the cache key).
         rule: the :class:`CombinationRule` applied to every score.
+        numerics: backend and dtype the model computes in (e.g. ``"transformers:torch.float32"``):
+            bf16 and fp32 scores of one caption differ by up to ~0.3, enough to change a route, so
+            the score cache never hands one's scores to the other.
     """
 
     model_id: str = "unknown"
     rule: CombinationRule
+    numerics: str = "unknown"
 
     @abc.abstractmethod
     def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:

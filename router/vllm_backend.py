@@ -66,6 +66,7 @@ class VLLMScorer(ComplexityScorer):
         self._vllm = vllm
         self.model_id = model_id or str(model_path)
         self.rule = rule or CombinationRule()
+        self.numerics = f"vllm:{dtype}"
         self.engine = vllm.LLM(
             model=str(model_path),
             dtype=dtype,

@@ -152,7 +152,8 @@ def test_require_captions_skips_uncaptioned_images(
     assert code == 0
     assert [r["id"] for r in read_jsonl(out / "manifest.jsonl")] == ["img_001.png"]
     assert json.loads((out / "summary.json").read_text())["skipped_without_caption"] == 2
-    cached = ScoreCache(tmp_path / "scores.sqlite").get_many(str(tiny_llama_dir), ["static noise"])
+    key = f"{tiny_llama_dir} [transformers:torch.float32]"  # the CLI's CPU default dtype
+    cached = ScoreCache(tmp_path / "scores.sqlite").get_many(key, ["static noise"])
     assert list(cached) == ["static noise"]  # a rerun would not score this caption again
 
 
@@ -282,3 +283,25 @@ def test_console_script_reports_fatal_errors_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"cat-tokenize: error: --images {tmp_path / 'nope'} is not a folder"
     ]
+
+
+def test_router_dtype_is_float32_by_default_recorded_and_fixed_on_resume(
+    tiny_vae_dir, tiny_llama_dir, tmp_path, write_small_images, capsys
+):
+    from cat_tokenizer.readers import read_index
+
+    names = write_small_images(tmp_path / "images", 2)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"image": n, "caption": f"noise {n}"}) + "\n" for n in names))
+    common = ["--captions", captions, "--router-model", tiny_llama_dir]
+    default, bf16 = tmp_path / "default", tmp_path / "bf16"
+    assert _tokenize(tmp_path / "images", default, tiny_vae_dir, *common) == 0
+    assert _tokenize(tmp_path / "images", bf16, tiny_vae_dir, *common, "--router-dtype", "bfloat16") == 0
+    assert set(read_index(default).column("router_dtype").to_pylist()) == {"torch.float32"}
+    assert set(read_index(bf16).column("router_dtype").to_pylist()) == {"torch.bfloat16"}
+    assert json.loads((bf16 / "run.json").read_text())["router_dtype"] == "bfloat16"
+    # Resuming with other numerics would mix two routings in one output: refused.
+    capsys.readouterr()
+    code = _tokenize(tmp_path / "images", bf16, tiny_vae_dir, *common, "--resume")
+    assert code == 1
+    assert "router_dtype changed" in capsys.readouterr().err

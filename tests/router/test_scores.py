@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from router import transformers_backend
 from router.cache import CachedScorer, ScoreCache
 from router.scores import (
     ANSWERS,
@@ -19,7 +20,7 @@ from router.scores import (
     build_prompt_parts,
     make_score,
 )
-from router.transformers_backend import answer_distribution
+from router.transformers_backend import TransformersScorer, answer_distribution
 
 CAPTIONS = [
     "a plain blue sky",
@@ -110,7 +111,9 @@ def test_combination_rule_calibrates_flags_in_log_odds():
     rule = CombinationRule(flag_lifts={"text": 2.0}, flag_calibration={"text": (2.0, -1.0)})
     # logit(0.5) = 0 -> sigmoid(-1); logit(0.75) = ln 3 -> sigmoid(2 ln 3 - 1)
     assert rule.calibrate_flags({"text": 0.5})["text"] == pytest.approx(1 / (1 + math.e))
-    assert rule.calibrate_flags({"text": 0.75})["text"] == pytest.approx(1 / (1 + math.exp(1 - 2 * math.log(3))))
+    assert rule.calibrate_flags({"text": 0.75})["text"] == pytest.approx(
+        1 / (1 + math.exp(1 - 2 * math.log(3)))
+    )
     assert rule.calibrate_flags({"faces": 0.3}) == {"faces": 0.3}  # not listed: used raw
     assert rule.combine(4.0, {"text": 0.5}) == pytest.approx(4.0 + 2.0 / (1 + math.e))
     assert CombinationRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
@@ -141,6 +144,31 @@ def test_cache_hits_skip_the_model(tiny_scorer, tmp_path):
     assert tiny_scorer.forward_calls == calls_after_first + 1
     assert cached.misses == 4 and cached.hits == 3
     assert len(ScoreCache(cache_file)) == 4
+
+
+def test_cache_keeps_scores_of_other_numerics_apart(tiny_scorer, tiny_llama_dir, tmp_path):
+    cache_file = tmp_path / "scores.sqlite"
+    CachedScorer(tiny_scorer, cache_file).score(CAPTIONS[:2])
+    bf16 = TransformersScorer.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16, batch_size=4)
+    assert (tiny_scorer.numerics, bf16.numerics) == (
+        "transformers:torch.float32",
+        "transformers:torch.bfloat16",
+    )
+    cached_bf16 = CachedScorer(bf16, cache_file)
+    scores = cached_bf16.score(CAPTIONS[:2])
+    assert cached_bf16.misses == 2 and cached_bf16.hits == 0  # fp32 rows are not handed to bf16
+    assert [s.to_dict() for s in scores] == [s.to_dict() for s in bf16.score(CAPTIONS[:2])]
+    assert len(ScoreCache(cache_file)) == 4
+
+
+def test_cpu_default_dtype_is_float32_on_every_cpu_kind(monkeypatch):
+    # A CPU kind other than this machine's cannot exist here: the capability probe is patched both
+    # ways, and the default must not follow it (the same command routes the same on both kinds).
+    for native_bf16 in (True, False):
+        monkeypatch.setattr(
+            transformers_backend, "bf16_supported", lambda native_bf16=native_bf16: native_bf16
+        )
+        assert transformers_backend.default_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_cache_is_keyed_by_model_id(tiny_scorer, tmp_path):

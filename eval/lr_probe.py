@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from cat_foundations.atomic import atomic_write_json
+from cat_foundations.hardware import cpu_has_native_bf16
 from cat_foundations.images import center_crop_resize, load_image, pil_to_tensor
 from cat_foundations.ratios import RATIOS
 from nested_vae import NestedVAE
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # emulated bf16 would only be slower
+    bf16 = cpu_has_native_bf16()  # emulated bf16 would only be slower
     images = fixed_batch(args.captions, args.split_file, args.batch, args.size)
     rows = [fit_one_batch(images, args.ratio, lr, args.steps, bf16) for lr in args.lrs]
     print(f"one fixed batch of {args.batch} x {args.size}^2, ratio {args.ratio}x, {args.steps} steps, L1")

@@ -28,14 +28,6 @@ import torch
 from router.scores import FLAG_QUERIES, CombinationRule, ComplexityScorer, PromptTokens
 
 
-def bf16_supported() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); else bf16 is slow emulation."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on every CPU; bf16 (fp16 without bf16) on GPUs.
 

@@ -161,14 +161,12 @@ def test_cache_keeps_scores_of_other_numerics_apart(tiny_scorer, tiny_llama_dir,
     assert len(ScoreCache(cache_file)) == 4
 
 
-def test_cpu_default_dtype_is_float32_on_every_cpu_kind(monkeypatch):
-    # A CPU kind other than this machine's cannot exist here: the capability probe is patched both
-    # ways, and the default must not follow it (the same command routes the same on both kinds).
-    for native_bf16 in (True, False):
-        monkeypatch.setattr(
-            transformers_backend, "bf16_supported", lambda native_bf16=native_bf16: native_bf16
-        )
-        assert transformers_backend.default_dtype(torch.device("cpu")) == torch.float32
+def test_cpu_default_dtype_is_float32_on_every_cpu_kind(tiny_llama_dir):
+    # The default no longer consults the CPU: on a CPU with native bf16 (the development machines
+    # have it) the old default was bf16, and such a machine routed differently from an AVX2 one.
+    assert transformers_backend.default_dtype(torch.device("cpu")) == torch.float32
+    loaded = TransformersScorer.from_pretrained(tiny_llama_dir, device="cpu", batch_size=4)
+    assert loaded.dtype == torch.float32 and loaded.numerics == "transformers:torch.float32"
 
 
 def test_cache_is_keyed_by_model_id(tiny_scorer, tmp_path):

@@ -44,10 +44,10 @@ import torch
 
 from cat_foundations.atomic import atomic_write_json, atomic_write_text
 from cat_foundations.images import center_crop_resize, load_image
+from eval.report import REPO_ROOT, git_state
 from nested_vae import NestedVAE
 from nested_vae.model import DEFAULT_WEIGHTS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("photo", "face", "chart", "clipart", "text")
 MODES = {"auto": [], "fixed16": ["--ratio", "16"]}
 
@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for mode in MODES
         ]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    context = process_run_context(args.threads)
     result = {
         "benchmark": "cat-tokenize end to end",
         "images": args.images,
@@ -200,25 +198,44 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "vae": vae_description,
         "router_model": args.router_model,
-        "device": "cpu",
-        "cpu_count": os.cpu_count(),
-        "omp_num_threads": args.threads,
-        "load_average_1min": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "git_commit": commit,
+        **context,
         "rows": rows,
     }
-    table = format_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "bench_cli.json", result)
     note = (
         f"# cat-tokenize end to end: {args.images} devset images at {args.size}x{args.size}, CPU\n\n"
         f"VAE: {vae_description}. Router: {args.router_model}. Batch size {args.batch_size}. "
-        f"{os.cpu_count()} CPU cores, {args.threads} thread(s) per process, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
-        f"{table}\n"
+        f"{describe_context(context)}\n\n"
+        f"{format_table(rows)}\n"
     )
-    atomic_write_text(args.out / "bench_cli.md", note)
+    write_results(args.out, "bench_cli", result, note)
+
+
+def process_run_context(threads: int) -> dict:
+    """Where benchmarked ``cat-tokenize`` processes ran: CPU, threads, load, versions, commit."""
+    return {
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": threads,
+        "load_average_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_commit": (git_state(REPO_ROOT)["commit"] or "")[:7],
+    }
+
+
+def describe_context(context: dict) -> str:
+    """The report's sentence about :func:`process_run_context`."""
+    return (
+        f"{context['cpu_count']} CPU cores, {context['omp_num_threads']} thread(s) per process, load average "
+        f"{context['load_average_1min']:.1f} at the end, commit {context['git_commit']}."
+    )
+
+
+def write_results(out: Path, name: str, result: dict, note: str) -> None:
+    """``out/<name>.json`` and ``out/<name>.md`` (atomically), and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{name}.json", result)
+    atomic_write_text(out / f"{name}.md", note)
     print(note)
 
 

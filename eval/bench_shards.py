@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,11 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from cat_foundations.atomic import atomic_write_json, atomic_write_text
 from cat_foundations.images import center_crop_resize, load_image
-from eval.bench_cli import REPO_ROOT, default_devset, resolve_vae
+from eval.bench_cli import (
+    REPO_ROOT,
+    default_devset,
+    describe_context,
+    process_run_context,
+    resolve_vae,
+    write_results,
+)
 
 MODES = ("folder", "shards-safetensors", "shards-webdataset")
 
@@ -179,9 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_mode(mode, inputs, out, vae, args.batch_size, args.shard_size, args.threads)
                 )
     rows = _median_rows(runs)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    context = process_run_context(args.threads)
     result = {
         "benchmark": "cat-tokenize folder vs tar-shard input",
         "images": args.images,
@@ -191,28 +192,18 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "ratio": 16,
         "vae": vae_description,
-        "device": "cpu",
-        "cpu_count": os.cpu_count(),
-        "omp_num_threads": args.threads,
-        "load_average_1min": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "git_commit": commit,
+        **context,
         "rows": rows,
         "runs": runs,
     }
-    table = format_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "bench_shards.json", result)
     note = (
         f"# cat-tokenize input paths: {args.images} images at {args.size}x{args.size}, CPU, fixed 16x\n\n"
         f"Folder + captions.jsonl vs {args.shards} webdataset tar shards of the same JPEG bytes. VAE: {vae_description}. "
-        f"Batch size {args.batch_size}; median of {args.repeats} interleaved runs per mode. {os.cpu_count()} CPU cores, "
-        f"{args.threads} thread(s) per process, load average {result['load_average_1min']:.1f} at the end, commit {commit}.\n\n"
-        f"{table}\n"
+        f"Batch size {args.batch_size}; median of {args.repeats} interleaved runs per mode. "
+        f"{describe_context(context)}\n\n"
+        f"{format_table(rows)}\n"
     )
-    atomic_write_text(args.out / "bench_shards.md", note)
-    print(note)
+    write_results(args.out, "bench_shards", result, note)
 
 
 if __name__ == "__main__":

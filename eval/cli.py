@@ -53,6 +53,7 @@ from eval.report import (
     recon_markdown_table,
     run_record,
 )
+from eval.route_targets import cmd_route_targets
 from eval.router_quality import router_quality
 from eval.speed import speed_markdown, speed_rows
 from router import RoutingPolicy, load_scorer
@@ -344,6 +345,7 @@ COMMANDS = {
     "speed": cmd_speed,
     "prepare": cmd_prepare,
     "headroom": cmd_headroom,  # returns its exit code (2 when some images failed)
+    "route-targets": cmd_route_targets,  # the same
 }
 
 

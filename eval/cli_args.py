@@ -27,6 +27,7 @@ from eval.cli_settings import (
     Provenance,
     ReconSettings,
     RouterSettings,
+    RouteTargetsSettings,
     RunSettings,
     SpeedSettings,
 )
@@ -184,6 +185,12 @@ def build_parser() -> OneLineParser:
     speed.add_argument("--repeats", type=int, default=3)
     headroom = commands.add_parser("headroom", help="oracle allocation vs fixed 16x, with baselines")
     add_headroom_arguments(headroom)
+    targets = commands.add_parser(
+        "route-targets",
+        help="every image's quality at 8/16/32x with this VAE, for fitting routers (route_targets.json)",
+        description="Writes route_targets.json beside --split-file unless --out names a directory or .json file.",
+    )
+    add_headroom_arguments(targets)
     return parser
 
 
@@ -197,7 +204,7 @@ def parse_settings(argv: list[str] | None = None) -> CommandSettings:
 
 
 def settings_from_namespace(namespace: argparse.Namespace, argv: list[str]) -> CommandSettings:
-    if namespace.command == "headroom":
+    if namespace.command in ("headroom", "route-targets"):
         return _headroom_settings(namespace, argv)
     namespace.argv = argv  # results.json's run.config has always listed it
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(namespace).items()}
@@ -278,7 +285,8 @@ def _metric_settings(namespace: argparse.Namespace) -> MetricSettings:
 
 
 def _headroom_settings(namespace: argparse.Namespace, argv: list[str]) -> HeadroomSettings:
-    return HeadroomSettings(
+    kind = RouteTargetsSettings if namespace.command == "route-targets" else HeadroomSettings
+    return kind(
         dataset=namespace.dataset,
         out=Path(namespace.out),
         vae=namespace.vae,

@@ -150,4 +150,13 @@ class HeadroomSettings:
     notes: tuple[str, ...] = ()
 
 
-CommandSettings = ReconSettings | RouterSettings | PrepareSettings | SpeedSettings | HeadroomSettings
+@dataclass(frozen=True)
+class RouteTargetsSettings(HeadroomSettings):
+    """``cat-bench route-targets``: the headroom measurement of every image, model codec only."""
+
+    command: ClassVar[str] = "route-targets"
+
+
+CommandSettings = (
+    ReconSettings | RouterSettings | PrepareSettings | SpeedSettings | HeadroomSettings | RouteTargetsSettings
+)

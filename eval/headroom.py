@@ -121,8 +121,10 @@ def select_samples(settings: HeadroomSettings) -> tuple[list, list[dict], dict[s
     return good, failures, splits
 
 
-def measure(settings: HeadroomSettings, samples: list, vae) -> tuple[list[dict], str]:
-    """Per-image rows (see the module docstring) and the LPIPS status."""
+def measure(
+    settings: HeadroomSettings, samples: list, vae, codecs: tuple[str, ...] = CODECS
+) -> tuple[list[dict], str]:
+    """Per-image rows (see the module docstring; a codec not in ``codecs`` is None) and the LPIPS status."""
     config = EvalSettings(
         size=settings.size, ratios=RATIOS, batch_size=settings.batch_size, device=settings.device,
         fid=False, effnet=False, lpips=settings.lpips,
@@ -130,11 +132,13 @@ def measure(settings: HeadroomSettings, samples: list, vae) -> tuple[list[dict],
     measurers = Measurers(config)
     channels = vae.config.latent_channels
     own = build_pixel_shortcut(vae.config.pixel_shortcut, channels)
-    codecs = {"model": vae, "bicubic": ShortcutCodec(PixelShortcut("smooth", channels))}
+    available = {"model": vae, "bicubic": ShortcutCodec(PixelShortcut("smooth", channels))}
     if own is not None:
-        codecs["own_shortcut"] = ShortcutCodec(own)
+        available["own_shortcut"] = ShortcutCodec(own)
     measured = {}
-    for name, codec in codecs.items():
+    for name, codec in available.items():
+        if name not in codecs:
+            continue
         results, _ = evaluate_dataset(
             samples, codec, config, measurers, cache_dir=settings.cache_dir, total=len(samples),
             progress=settings.progress,

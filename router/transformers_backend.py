@@ -161,7 +161,9 @@ class TransformersScorer(ComplexityScorer):
         return input_ids, position_ids, mask[:, None], read_columns
 
     @torch.inference_mode()
-    def _score_batch(self, caption_ids: list[list[int]]) -> list[tuple[list[float], dict[str, float]]]:
+    def _forward_batch(self, caption_ids: list[list[int]], hidden: bool = False):
+        """One forward pass: logits ``(batch, n_queries, vocab)`` at the answer keys, and with
+        ``hidden`` the last layer's hidden states there, ``(batch, n_queries, hidden_size)``."""
         input_ids, position_ids, mask, read_columns = self._batch_inputs(caption_ids)
         cache = copy.deepcopy(self._prefix_cache)
         cache.batch_repeat_interleave(len(caption_ids))
@@ -172,27 +174,47 @@ class TransformersScorer(ComplexityScorer):
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=read_columns.to(self.device),
+            output_hidden_states=hidden,
         )
         self.forward_calls += 1
-        logits = out.logits.float()  # (batch, n_queries, vocab)
+        states = out.hidden_states[-1][:, read_columns.to(self.device)].float() if hidden else None
+        return out.logits.float(), states
+
+    def _raw_from_logits(self, logits: torch.Tensor) -> list[tuple[list[float], dict[str, float]]]:
         digit_dist = answer_distribution(logits[:, 0], self.prompt.digit_ids)
         flag_dists = [
             answer_distribution(logits[:, q + 1], self.prompt.answer_ids(name))
             for q, name in enumerate(FLAG_QUERIES)
         ]
         results = []
-        for row in range(len(caption_ids)):
+        for row in range(logits.shape[0]):
             flags = {name: float(dist[row, 0]) for name, dist in zip(FLAG_QUERIES, flag_dists)}
             results.append((digit_dist[row].tolist(), flags))
         return results
 
-    def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:
+    def _in_length_order(self, captions: list[str], run_batch) -> list:
+        """``run_batch(ids)`` over length-sorted batches (little padding); results in input order."""
         caption_ids = [self.prompt.encode(c) for c in captions]
-        # Sort by length so batches pad little; results go back in input order.
         order = sorted(range(len(captions)), key=lambda i: len(caption_ids[i]))
         results: list = [None] * len(captions)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            for index, result in zip(chunk, self._score_batch([caption_ids[i] for i in chunk])):
+            for index, result in zip(chunk, run_batch([caption_ids[i] for i in chunk])):
                 results[index] = result
         return results
+
+    def score_raw(self, captions: list[str]) -> list[tuple[list[float], dict[str, float]]]:
+        return self._in_length_order(captions, lambda ids: self._raw_from_logits(self._forward_batch(ids)[0]))
+
+    def score_raw_with_states(
+        self, captions: list[str]
+    ) -> list[tuple[tuple[list[float], dict], list[float]]]:
+        """Per caption: its raw score and the LM's last hidden state at every answer key, flattened
+        (``n_queries * hidden_size`` floats, rating key first) -- what a fitted router head reads.
+        Same forward pass as :meth:`score_raw` (captions are not cleaned here, as there)."""
+
+        def run(ids):
+            logits, states = self._forward_batch(ids, hidden=True)
+            return list(zip(self._raw_from_logits(logits), states.flatten(1).tolist()))
+
+        return self._in_length_order(captions, run)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from cat_foundations.cli import OneLineParser
+from cat_foundations.cli import FatalError, OneLineParser
 from cat_foundations.ratios import RATIOS
 from cat_tokenizer.cli_settings import DecodeSettings, TokenBudget, TokenizeSettings
+from cat_tokenizer.quality import QualityTarget, QualityTargetError
 
 TOKENIZE_EPILOG = """\
 images:
@@ -63,6 +64,13 @@ def _token_budget(value: str) -> TokenBudget:
             f"--target-mean-tokens must be a positive number of tokens or 8x/16x/32x, got {value!r}"
         )
     return TokenBudget(tokens=tokens)
+
+
+def _quality(value: str) -> QualityTarget:
+    try:
+        return QualityTarget.parse(value)
+    except QualityTargetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _ratio(value: str):
@@ -183,6 +191,15 @@ def _add_routing_arguments(parser: argparse.ArgumentParser) -> None:
         "sizes encoded (after --max-side, padded to 32), as summary.json counts them",
     )
     parser.add_argument(
+        "--quality",
+        type=_quality,
+        metavar="lpips<=X|psnr>=X|ssim>=X",
+        help="measured routing: encode every image at 8x, 16x and 32x, decode and measure each against the "
+        "input, keep the fewest tokens that meet this target (8x and a recorded miss when none does); no "
+        "router. Costs 1 encode + 3 decodes + 3 measurements per image (summary.json reports it against "
+        "fixed 16x). Not with --ratio N or --target-mean-tokens",
+    )
+    parser.add_argument(
         "--router-model",
         default="default",
         help="router LLM: 'default' (Qwen2.5-Coder-0.5B-Instruct), an HF id, a local directory or .gguf",
@@ -263,9 +280,23 @@ def _settings(cls, namespace: argparse.Namespace):
     return cls(**vars(namespace))
 
 
+def _check_routing_choice(settings: TokenizeSettings) -> TokenizeSettings:
+    """One way to pick the ratios per run: the router, ``--ratio N`` or ``--quality``."""
+    if settings.quality is not None and settings.ratio is not None:
+        raise FatalError(
+            f"--quality {settings.quality} picks each image's ratio by measurement; drop --ratio {settings.ratio}"
+        )
+    if settings.quality is not None and settings.target_mean_tokens is not None:
+        raise FatalError(
+            "--quality and --target-mean-tokens both decide the ratios (a quality floor vs a token "
+            "budget); pass one of them"
+        )
+    return settings
+
+
 def parse_tokenize(argv: list[str]) -> TokenizeSettings:
     """``cat-tokenize [tokenize] ...`` arguments -> settings."""
-    return _settings(TokenizeSettings, tokenize_parser().parse_args(argv))
+    return _check_routing_choice(_settings(TokenizeSettings, tokenize_parser().parse_args(argv)))
 
 
 def parse_decode(argv: list[str]) -> DecodeSettings:

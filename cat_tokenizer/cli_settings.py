@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cat_foundations.ratios import tokens_for
+from cat_tokenizer.quality import QualityTarget
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TokenizeSettings:
     format: str = "safetensors"  # output of sharded input: safetensors | webdataset
     ratio: int | None = None  # None: the router decides ("auto")
     target_mean_tokens: TokenBudget | None = None
+    quality: QualityTarget | None = None  # measured routing: the fewest tokens that meet it
     batch_size: int = 8
     shard_size: int = 256
     device: str | None = None
@@ -72,6 +74,11 @@ class TokenizeSettings:
     require_captions: bool = False
     resume: bool = False
     quiet: bool = False
+
+    @property
+    def uses_router(self) -> bool:
+        """Whether the router LLM picks the ratios (not ``--ratio N``, not ``--quality``)."""
+        return self.ratio is None and self.quality is None
 
     @property
     def sharded(self) -> bool:

@@ -27,6 +27,7 @@ from cat_tokenizer.cli_tokenize import (
     check_resume_settings,
     encode_chunk,
     initial_policy,
+    load_quality_meter_or_fail,
     load_scorer_or_fail,
     load_tokenizer,
     prepare_out_dir,
@@ -100,7 +101,7 @@ def _tokenize_shard(tokenizer, settings: TokenizeSettings, contents) -> tuple[li
     """Route and encode one input shard's items; returns (collected results, error records)."""
     errors = list(contents.errors)
     prescored = None
-    if settings.ratio is None and settings.router_backend == "vllm":
+    if settings.uses_router and settings.router_backend == "vllm":
         prescored = prescore(tokenizer, contents.items)  # one vLLM pass per input shard
     collector = _Collector()
     step = max(ROUTER_CHUNK, settings.batch_size)
@@ -159,9 +160,10 @@ def run_sharded(settings: TokenizeSettings) -> int:
     todo = [shard for shard in inputs.shards if shard.name not in done]
 
     tokenizer = load_tokenizer(settings, policy)
-    if settings.ratio is None:
+    if settings.uses_router:
         load_scorer_or_fail(tokenizer, settings.quiet)  # up front: a model that cannot load is fatal
-    origin = provenance(tokenizer, run_info(settings, policy)["vae"], settings.ratio is None)
+    load_quality_meter_or_fail(tokenizer, settings)
+    origin = provenance(tokenizer, run_info(settings, policy)["vae"], settings.uses_router)
     if state.is_main_process:
         store.atomic_write_json(settings.out / store.RUN_INFO, _sharded_run_info(settings, policy))
     setup_s = time.perf_counter() - started

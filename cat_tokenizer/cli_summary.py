@@ -6,12 +6,35 @@ import sys
 from collections import Counter
 
 from cat_foundations.ratios import RATIOS, tokens_for
+from cat_tokenizer.quality_routing import SOURCE as QUALITY_SOURCE
+from cat_tokenizer.quality_routing import cost_summary
 
 
 def log(message: str, quiet: bool) -> None:
     """A progress/summary line on stderr, unless ``--quiet``."""
     if not quiet:
         print(message, file=sys.stderr)
+
+
+def quality_summary(records: list[dict], process_stats: list[dict]) -> dict | None:
+    """``--quality`` runs: the target, how many images missed it, mean tokens, and the cost vs fixed 16x.
+
+    The counts cover every image in the output (a resumed run's too); ``cost`` covers the images
+    measured in this run (see :func:`cat_tokenizer.quality_routing.cost_summary`).
+    """
+    measured = [r for r in records if r["score_source"] == QUALITY_SOURCE]
+    if not measured:
+        return None
+    targets = sorted({r["extra"]["quality"]["target"] for r in measured})
+    missed = [r["id"] for r in measured if not r["extra"]["quality"]["met"]]
+    return {
+        "target": targets[0] if len(targets) == 1 else targets,
+        "images": len(measured),
+        "missed": len(missed),
+        "missed_ids": missed,
+        "mean_tokens": sum(r["tokens"] for r in measured) / len(measured),
+        "cost": cost_summary(process_stats),
+    }
 
 
 def summarize(
@@ -30,6 +53,7 @@ def summarize(
     fixed16 = sum(tokens_for(16, tuple(r["size"])) for r in records)
     sources = Counter(r["score_source"] for r in records)
     done_this_run = sum(stats["done"] for stats in process_stats)
+    quality = quality_summary(records, process_stats)
     return {
         "images_done": len(records),
         "images_done_this_run": done_this_run,
@@ -43,6 +67,7 @@ def summarize(
         "wall_s": wall_s,
         "images_per_s": done_this_run / wall_s if wall_s > 0 else 0.0,
         "processes": process_stats,
+        **({"quality": quality} if quality is not None else {}),
     }
 
 
@@ -65,4 +90,12 @@ def format_summary(summary: dict) -> str:
         f"(process 0: setup {main_process['setup_s']:.1f} s, router {main_process['router_s']:.1f} s, "
         f"VAE encode {main_process['vae_encode_s']:.1f} s)"
     )
+    quality = summary.get("quality")
+    if quality is not None:
+        cost = quality["cost"] or {}
+        ratio = cost.get("cost_vs_fixed16")
+        lines.append(
+            f"quality {quality['target']}: missed by {quality['missed']} of {quality['images']} images"
+            + (f"; VAE encode+decode cost {ratio:.1f}x a fixed-16x encode" if ratio is not None else "")
+        )
     return "\n".join(lines)

@@ -30,11 +30,12 @@ from cat_tokenizer.jobs import WorkItem, plan_work
 from cat_tokenizer.run_outputs import RunOutputs, write_run_outputs
 from cat_tokenizer.tokenizer import CATTokenizer
 from nested_vae import NestedVAE
+from nested_vae.perceptual import LPIPSUnavailableError, LPIPSWeightsError
 from router import RoutingPolicy, routing_score
 
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
-RESUME_KEYS = ("vae", "router_model", "router_dtype", "ratio", "max_side", "policy")
+RESUME_KEYS = ("vae", "router_model", "router_dtype", "ratio", "quality", "max_side", "policy")
 SHARDED_RESUME_KEYS = ("output_format",)  # sharded-input runs only; more input shards may be added
 
 
@@ -71,6 +72,7 @@ def run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
         "router_backend": settings.router_backend,
         "router_dtype": str(settings.router_dtype).removeprefix("torch.") if settings.router_dtype else None,
         "ratio": settings.ratio,
+        "quality": str(settings.quality) if settings.quality is not None else None,
         "max_side": settings.max_side,
         "policy": {"low": policy.low, "high": policy.high},
     }
@@ -98,6 +100,7 @@ def _check_inputs(settings: TokenizeSettings) -> None:
         raise FatalError(f"--captions {settings.captions} is not a readable file")
     if settings.target_mean_tokens is not None and settings.ratio is not None:
         raise FatalError("--target-mean-tokens needs --ratio auto")
+    # --quality with --ratio N / --target-mean-tokens is refused by cli_args._check_routing_choice
 
 
 def initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
@@ -125,12 +128,22 @@ def load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATToke
         options["dtype"] = name if settings.router_backend == "vllm" else settings.router_dtype
     return CATTokenizer(
         vae,
-        scorer=None if settings.ratio is not None else settings.router_model,
+        scorer=settings.router_model if settings.uses_router else None,
         policy=policy,
         router_backend=settings.router_backend,
         max_side=settings.max_side,
         router_options=options,
     )
+
+
+def load_quality_meter_or_fail(tokenizer: CATTokenizer, settings: TokenizeSettings) -> None:
+    """With ``--quality``: build its metric up front (LPIPS weights), so a missing one is fatal once."""
+    if settings.quality is None:
+        return
+    try:
+        tokenizer.quality_meter(settings.quality)
+    except (LPIPSUnavailableError, LPIPSWeightsError) as error:
+        raise FatalError(f"--quality {settings.quality}: cannot load LPIPS: {error}") from None
 
 
 def load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
@@ -224,13 +237,14 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     todo = [item for item in plan.items if item.id not in done_ids]
 
     tokenizer = load_tokenizer(settings, policy)
-    if settings.ratio is None and any(item.caption for item in todo):
+    if settings.uses_router and any(item.caption for item in todo):
         load_scorer_or_fail(tokenizer, settings.quiet)  # up front: a model that cannot load is fatal
+    load_quality_meter_or_fail(tokenizer, settings)
     setup_s = time.perf_counter() - started
     with state.split_between_processes(todo) as mine:
         my_items = list(mine)
     prescored = None
-    if settings.ratio is None and (
+    if settings.uses_router and (
         settings.router_backend == "vllm" or settings.target_mean_tokens is not None
     ):
         prescored = prescore(tokenizer, my_items)
@@ -271,6 +285,7 @@ def encode_chunk(
             settings.ratio,
             scores=scores,
             batch_size=settings.batch_size,
+            quality=settings.quality,
         )
 
     try:
@@ -340,7 +355,7 @@ def run_tokenize(settings: TokenizeSettings) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         origin = provenance(
-            work.tokenizer, run_info(settings, work.tokenizer.policy)["vae"], settings.ratio is None
+            work.tokenizer, run_info(settings, work.tokenizer.policy)["vae"], settings.uses_router
         )
         scaling = float(work.tokenizer.vae.config.scaling_factor)
         wall_s = time.perf_counter() - started

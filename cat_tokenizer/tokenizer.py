@@ -19,6 +19,12 @@ Routing, in order of precedence (implemented once, in :meth:`router.RoutingPolic
 router LLM (``"caption_llm"``), then, for a missing or empty caption, the JPEG bits-per-pixel
 fallback (``"image_jpeg_bpp"``).
 
+Quality-targeted routing: ``quality="psnr>=28"`` (or ``"lpips<=0.2"``, ``"ssim>=0.9"``; see
+:class:`cat_tokenizer.quality.QualityTarget`) skips the router, encodes each image at every ratio,
+decodes and measures each, and keeps the ratio with the fewest tokens that meets the target
+(source ``"quality_measured"``; :mod:`cat_tokenizer.quality_routing`). It costs three decodes
+and three measurements per image on top of one encode.
+
 Encoding is deterministic by default: the latent is the posterior mean. ``sample=True`` draws
 from the posterior instead (pass a ``torch.Generator`` for reproducible draws).
 """
@@ -38,6 +44,8 @@ from cat_foundations.atomic import atomic_write_json
 from cat_foundations.captions import clean_caption
 from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_tokenizer.encoded import Encoded
+from cat_tokenizer.quality import QualityMeter, QualityTarget
+from cat_tokenizer.quality_routing import encode_to_quality
 from nested_vae import NestedVAE
 from nested_vae.model import CONFIG_NAME, WEIGHTS_NAME
 from router import RoutingPolicy, load_scorer
@@ -80,8 +88,10 @@ class CATTokenizer:
         self.policy = policy if policy is not None else RoutingPolicy()
         self.max_side = max_side
         self._scorer_lock = threading.Lock()
+        self._quality_meters: dict[QualityTarget, QualityMeter] = {}
         # Seconds spent routing (caption LLM + image fallback) and in the VAE encoder, summed over
-        # every call: the CLI summary and eval/bench_cli.py read them; only this class writes them.
+        # every call: the CLI summary and eval/bench_cli.py read them; only this class writes them
+        # (quality-targeted routing adds its own keys, see cat_tokenizer.quality_routing).
         self.timings = {"router_s": 0.0, "vae_encode_s": 0.0}
 
     # ---- construction ------------------------------------------------------------------------
@@ -266,6 +276,18 @@ class CATTokenizer:
         self.timings["router_s"] += time.perf_counter() - started
         return decisions
 
+    def quality_meter(self, quality: str | QualityTarget) -> QualityMeter:
+        """The meter for a quality target, made once per target (LPIPS weights load here).
+
+        Raises:
+            cat_tokenizer.quality.QualityTargetError: ``quality`` is not a valid target.
+            nested_vae.perceptual.LPIPSUnavailableError: an ``lpips`` target without its weights.
+        """
+        target = QualityTarget.parse(quality)
+        if target not in self._quality_meters:
+            self._quality_meters[target] = QualityMeter(target, device=self.device)
+        return self._quality_meters[target]
+
     # ---- encode ------------------------------------------------------------------------------
 
     @property
@@ -287,11 +309,13 @@ class CATTokenizer:
         batch_size: int = 8,
         sample: bool = False,
         generator: torch.Generator | None = None,
+        quality: str | QualityTarget | None = None,
     ) -> list[Encoded]:
         """Tokenize many images; results come back in input order.
 
         All captions are scored in one router call. Images are then grouped by (ratio, size) so
-        every VAE call gets a stack of equally shaped inputs, ``batch_size`` at a time.
+        every VAE call gets a stack of equally shaped inputs, ``batch_size`` at a time. With
+        ``quality`` the router is not used: see the module docstring.
 
         Args:
             images: paths, PIL images, arrays or tensors (see the module docstring).
@@ -301,16 +325,33 @@ class CATTokenizer:
             batch_size: images per VAE call.
             sample: draw latents from the posterior instead of taking its mean.
             generator: random generator for ``sample=True``.
+            quality: a quality target (``"psnr>=28"``, ``"lpips<=0.2"``, ``"ssim>=0.9"`` or a
+                :class:`~cat_tokenizer.quality.QualityTarget`): each image gets the fewest tokens
+                whose measured reconstruction meets it (8x and a recorded miss when none does).
+                Not combinable with ``ratio``, ``scores`` or ``sample``.
 
         Raises:
             cat_foundations.images.ImageLoadError: an image cannot be read (names which).
+            cat_tokenizer.quality.QualityTargetError: ``quality`` is not a valid target.
+            nested_vae.perceptual.LPIPSUnavailableError: an ``lpips`` target without its weights.
         """
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if quality is not None:
+            given = {"ratio": ratio is not None, "scores": scores is not None, "sample": sample}
+            clashing = [name for name, used in given.items() if used]
+            if clashing:
+                raise ValueError(
+                    f"quality= picks the ratio by measurement; it cannot be combined with {clashing[0]}="
+                )
+            meter = self.quality_meter(quality)  # parse + load the metric before any image is read
         loaded = [load_image(image) for image in images]
         original_sizes = [(image.height, image.width) for image in loaded]
+        if quality is not None:
+            resized = [limit_max_side(image, self.max_side) for image in loaded]
+            return encode_to_quality(self.vae, meter, resized, original_sizes, batch_size, self.timings)
         # The image fallback sees the full image (it resizes to its own calibrated scale).
         decisions = self.route(loaded, captions, ratio, scores)  # adds its own time to timings["router_s"]
         resized = [limit_max_side(image, self.max_side) for image in loaded]
@@ -350,7 +391,7 @@ class CATTokenizer:
         return results
 
     def encode(self, image, caption: str | None = None, ratio: int | None = None, **kwargs) -> Encoded:
-        """Tokenize one image; see :meth:`encode_batch` for the arguments."""
+        """Tokenize one image; see :meth:`encode_batch` for the arguments (``quality=`` included)."""
         return self.encode_batch([image], [caption], ratio, **kwargs)[0]
 
     # ---- decode ------------------------------------------------------------------------------
@@ -415,7 +456,8 @@ def default_tokenizer() -> CATTokenizer:
 
 
 def encode(image, caption: str | None = None, ratio: int | None = None, **kwargs) -> Encoded:
-    """``default_tokenizer().encode(...)``: the shipped VAE and the default router."""
+    """``default_tokenizer().encode(...)``: the shipped VAE and the default router (keyword
+    arguments such as ``quality="psnr>=28"`` pass through, see :meth:`CATTokenizer.encode_batch`)."""
     return default_tokenizer().encode(image, caption, ratio, **kwargs)
 
 

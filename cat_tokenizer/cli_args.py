@@ -218,6 +218,13 @@ def _add_routing_arguments(parser: argparse.ArgumentParser) -> None:
         "faster where the CPU has it natively, but moves some images to another ratio), bf16/fp16 on GPUs",
     )
     parser.add_argument(
+        "--router-head",
+        default="auto",
+        help="fitted router head: 'auto' (the one fitted to this VAE when its folder has one, as the "
+        "shipped checkpoint does: hybrid caption + image features), 'none' (the hand-made rule), or a "
+        "head directory (python -m eval.fit_router_head); transformers backend",
+    )
+    parser.add_argument(
         "--score-cache",
         type=Path,
         help="SQLite cache of router scores (model, prompt version, caption): a rerun or --resume never scores a caption twice",

@@ -67,6 +67,7 @@ class TokenizeSettings:
     router_model: str = "default"
     router_backend: str = "transformers"
     router_dtype: torch.dtype | None = None  # None: the router's default (float32 on CPUs)
+    router_head: str = "auto"  # auto | none | a head directory (cat_tokenizer.router_heads)
     score_cache: Path | None = None
     policy: Path | None = None
     max_side: int = 2048

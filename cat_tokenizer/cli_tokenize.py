@@ -27,6 +27,7 @@ from cat_tokenizer import shard_store, store
 from cat_tokenizer.cli_settings import TokenizeSettings
 from cat_tokenizer.index import provenance
 from cat_tokenizer.jobs import WorkItem, plan_work
+from cat_tokenizer.router_heads import head_digest, head_policy, resolve_router_head
 from cat_tokenizer.run_outputs import RunOutputs, write_run_outputs
 from cat_tokenizer.tokenizer import CATTokenizer
 from nested_vae import NestedVAE
@@ -35,7 +36,8 @@ from router import RoutingPolicy, routing_score
 
 RUN_FORMAT = "cat-tokenize-run-v1"
 ROUTER_CHUNK = 32  # captions per router call in the main loop (the vLLM path scores all up front)
-RESUME_KEYS = ("vae", "router_model", "router_dtype", "ratio", "quality", "max_side", "policy")
+PRESCORE_CHUNK = 64
+RESUME_KEYS = ("vae", "router_model", "router_dtype", "router_head", "ratio", "quality", "max_side", "policy")
 SHARDED_RESUME_KEYS = ("output_format",)  # sharded-input runs only; more input shards may be added
 
 
@@ -71,6 +73,7 @@ def run_info(settings: TokenizeSettings, policy: RoutingPolicy) -> dict:
         "router_model": settings.router_model,
         "router_backend": settings.router_backend,
         "router_dtype": str(settings.router_dtype).removeprefix("torch.") if settings.router_dtype else None,
+        "router_head": head_digest(router_head_dir(settings)),
         "ratio": settings.ratio,
         "quality": str(settings.quality) if settings.quality is not None else None,
         "max_side": settings.max_side,
@@ -103,10 +106,25 @@ def _check_inputs(settings: TokenizeSettings) -> None:
     # --quality with --ratio N / --target-mean-tokens is refused by cli_args._check_routing_choice
 
 
-def initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
-    """``--policy`` (or the defaults); on ``--resume`` with a budget, the first run's calibration."""
+def router_head_dir(settings: TokenizeSettings) -> Path | None:
+    """The fitted head this run routes with (``--router-head``), or None for the rule."""
+    if not settings.uses_router or (settings.router_backend == "vllm" and settings.router_head == "auto"):
+        return None
     try:
-        policy = RoutingPolicy.load(settings.policy) if settings.policy else RoutingPolicy()
+        return resolve_router_head(settings.router_head, settings.vae, settings.router_model)
+    except FileNotFoundError as error:
+        raise FatalError(f"--router-head: {error}") from None
+
+
+def initial_policy(settings: TokenizeSettings) -> RoutingPolicy:
+    """``--policy``, else the router head's fitted thresholds, else the defaults; on ``--resume``
+    with a budget, the first run's calibration."""
+    head_dir = router_head_dir(settings)
+    try:
+        if settings.policy:
+            policy = RoutingPolicy.load(settings.policy)
+        else:
+            policy = head_policy(head_dir, settings.vae) if head_dir is not None else RoutingPolicy()
     except ValueError as error:
         raise FatalError(str(error)) from None
     saved = settings.out / "policy.json"
@@ -123,6 +141,9 @@ def load_tokenizer(settings: TokenizeSettings, policy: RoutingPolicy) -> CATToke
     if settings.tiling:
         vae.enable_tiling()
     options = {"cache_path": str(settings.score_cache)} if settings.score_cache else {}
+    head_dir = router_head_dir(settings)
+    if head_dir is not None:
+        options["head"] = str(head_dir)
     if settings.router_dtype is not None:  # vLLM takes the dtype's name
         name = str(settings.router_dtype).removeprefix("torch.")
         options["dtype"] = name if settings.router_backend == "vllm" else settings.router_dtype
@@ -155,11 +176,30 @@ def load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
         raise FatalError(f"cannot load the router model {tokenizer.router_name!r}: {error}") from None
 
 
-def prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
-    """Caption scores for ``items`` in ONE router call (vLLM path, calibration): id -> score."""
+def prescore(tokenizer: CATTokenizer, items: list[WorkItem], max_side: int | None = None) -> dict:
+    """Caption scores for ``items`` (vLLM path, calibration): id -> score.
+
+    One router call for all captions; with a hybrid head (which reads pixels too) one call per
+    chunk of :data:`PRESCORE_CHUNK` images, so a large run never holds every image at once. An
+    unreadable image is left unscored here; encoding records it.
+    """
     captioned = [item for item in items if item.caption]
-    scores = tokenizer.score_captions([item.caption for item in captioned])  # timed by the tokenizer
-    return {item.id: score for item, score in zip(captioned, scores)}
+    if not getattr(tokenizer.scorer, "needs_image", False):
+        scores = tokenizer.score_captions([item.caption for item in captioned])  # timed by the tokenizer
+        return {item.id: score for item, score in zip(captioned, scores)}
+    found = {}
+    for start in range(0, len(captioned), PRESCORE_CHUNK):
+        loaded = []
+        for item in captioned[start : start + PRESCORE_CHUNK]:
+            try:
+                loaded.append((item, limit_max_side(item.load(), max_side)))
+            except ImageLoadError:
+                continue
+        scores = tokenizer.score_captions(
+            [item.caption for item, _ in loaded], [image for _, image in loaded]
+        )
+        found.update({item.id: score for (item, _), score in zip(loaded, scores)})
+    return found
 
 
 def _routing_scores(
@@ -247,7 +287,7 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     if settings.uses_router and (
         settings.router_backend == "vllm" or settings.target_mean_tokens is not None
     ):
-        prescored = prescore(tokenizer, my_items)
+        prescored = prescore(tokenizer, my_items, settings.max_side)
     saved_policy = out_dir / "policy.json"
     if settings.target_mean_tokens is not None and not (settings.resume and saved_policy.exists()):
         tokenizer.policy = _calibrated_policy(state, tokenizer.policy, my_items, prescored, settings)

@@ -50,10 +50,18 @@ def provenance(tokenizer, vae_name: str, router_used: bool) -> dict:
         "router_model": tokenizer.router_name if router_used else None,
         "router_prompt_version": PROMPT_VERSION if router_used else None,
         "router_dtype": str(getattr(model, "dtype", None) or "") or None,
-        "router_head": json.dumps(asdict(rule), sort_keys=True, default=str) if is_dataclass(rule) else None,
+        "router_head": _head_name(scorer, rule),
         "vae": vae_name,
         "vae_weights_sha256": file_sha256(weights) if weights is not None else None,
     }
+
+
+def _head_name(scorer, rule) -> str | None:
+    """A fitted head's ``kind:digest``, else the combination rule's parameters as JSON."""
+    head = getattr(scorer, "head", None)
+    if head is not None:
+        return f"{head.kind}:{head.digest}"
+    return json.dumps(asdict(rule), sort_keys=True, default=str) if is_dataclass(rule) else None
 
 
 def write_index(out_dir: Path, rows: list[tuple[dict, dict]]) -> None:

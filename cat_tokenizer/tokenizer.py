@@ -46,6 +46,7 @@ from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, te
 from cat_tokenizer.encoded import Encoded
 from cat_tokenizer.quality import QualityMeter, QualityTarget
 from cat_tokenizer.quality_routing import encode_to_quality
+from cat_tokenizer.router_heads import head_policy, resolve_router_head
 from nested_vae import NestedVAE
 from nested_vae.model import CONFIG_NAME, WEIGHTS_NAME
 from router import RoutingPolicy, load_scorer
@@ -111,6 +112,7 @@ class CATTokenizer:
         router_options: dict | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
+        router_head: str | Path | None = "auto",
     ) -> CATTokenizer:
         """Build a tokenizer from named or saved parts.
 
@@ -130,6 +132,11 @@ class CATTokenizer:
             router_backend: ``"transformers"`` (default) or ``"vllm"``.
             router_options: extra ``router.load_scorer`` arguments (see the class docstring).
             max_side: see the class docstring.
+            router_head: ``"auto"`` (the head fitted to this VAE when its folder has one, e.g. the
+                shipped checkpoint; else the hand-made rule), ``"none"`` (the rule) or a head
+                directory (:mod:`cat_tokenizer.router_heads`). Its fitted thresholds are the
+                policy unless ``policy`` is given. Transformers backend only ("auto" skips it
+                for vLLM).
         """
         if path is not None:
             path = _bundle_folder(path, revision, token)
@@ -155,6 +162,11 @@ class CATTokenizer:
             vae = NestedVAE.from_pretrained(str(vae), device=device, dtype=dtype)
         if isinstance(policy, (str, Path)):
             policy = RoutingPolicy.load(policy)
+        if isinstance(router, (str, Path)) and not (router_backend == "vllm" and router_head == "auto"):
+            head_dir = resolve_router_head(router_head, vae, router)
+            if head_dir is not None:
+                router_options = {**(router_options or {}), "head": str(head_dir)}
+                policy = policy if policy is not None else head_policy(head_dir, vae)
         return cls(
             vae,
             scorer=router,
@@ -240,17 +252,25 @@ class CATTokenizer:
                     )
         return self._scorer
 
-    def score_captions(self, captions: Sequence[str | None]) -> list:
+    def score_captions(self, captions: Sequence[str | None], images: Sequence | None = None) -> list:
         """Score every non-empty caption in ONE router call; None where there is no caption/router.
 
-        The time spent is added to ``timings["router_s"]``.
+        ``images`` (one per caption: PIL images or zero-argument loaders) are what a hybrid router
+        head also reads; other scorers ignore them. The time spent is added to ``timings["router_s"]``.
         """
         started = time.perf_counter()
         cleaned = [clean_caption(c) for c in captions]
         wanted = [i for i, c in enumerate(cleaned) if c is not None]
         scores = [None] * len(cleaned)
         if wanted and self._scorer is not None:
-            for index, score in zip(wanted, self.scorer.score([cleaned[i] for i in wanted])):
+            texts = [cleaned[i] for i in wanted]
+            if getattr(self.scorer, "needs_image", False):
+                if images is None:
+                    raise ValueError("the hybrid router head needs the images as well as the captions")
+                found = self.scorer.score(texts, images=[images[i] for i in wanted])
+            else:
+                found = self.scorer.score(texts)
+            for index, score in zip(wanted, found):
                 scores[index] = score
         self.timings["router_s"] += time.perf_counter() - started
         return scores
@@ -268,7 +288,7 @@ class CATTokenizer:
         if ratio is not None:
             return [self.policy.decide(None, override_ratio=ratio) for _ in images]
         if scores is None:
-            scores = self.score_captions(captions if captions is not None else [None] * len(images))
+            scores = self.score_captions(captions if captions is not None else [None] * len(images), images)
         if len(scores) != len(images):
             raise ValueError(f"got {len(images)} images but {len(scores)} scores/captions")
         started = time.perf_counter()  # the image fallback's share of routing time

@@ -24,6 +24,7 @@ def load_scorer(
     backend: str = "transformers",
     cache_path: str | Path | None = None,
     model_cache_dir: str | Path | None = None,
+    head: str | Path | None = None,
     **kwargs,
 ) -> ComplexityScorer:
     """Build a scorer.
@@ -34,6 +35,8 @@ def load_scorer(
         backend: "transformers" or "vllm".
         cache_path: SQLite score cache; scored captions are stored there and not re-scored.
         model_cache_dir: where the default model is converted to (default: see router.default_model).
+        head: a fitted router head's directory (:mod:`router.head`): the final score comes from it
+            (transformers backend only; ``cache_path`` is then not used, see router.head_scorer).
         **kwargs: backend arguments (transformers: dtype, device, batch_size, rule;
             vllm: dtype, rule, max_model_len and ``vllm.LLM`` arguments).
     """
@@ -50,6 +53,12 @@ def load_scorer(
         from router.vllm_backend import VLLMScorer
 
         scorer = VLLMScorer(path, **kwargs)
+    if head is not None:
+        if backend != "transformers":
+            raise ValueError("a router head reads hidden states: use backend='transformers'")
+        from router.head_scorer import HeadScorer
+
+        return HeadScorer(scorer, head)
     if cache_path is not None:
         scorer = CachedScorer(scorer, cache_path)
     return scorer

@@ -126,7 +126,10 @@ class ComplexityScore:
         flags: perception flag name -> calibrated P(yes) in [0, 1] (``text``, ``faces``,
             ``charts``), what the :class:`CombinationRule` used.
         raw_flags: the model's uncalibrated P(yes) per flag (what the score cache stores).
-        source: what decided the score: ``"caption_llm"`` or ``"image_jpeg_bpp"``.
+        source: what decided the score: ``"caption_llm"``, ``"image_jpeg_bpp"``, or a fitted
+            head's ``"caption_head"`` / ``"hybrid_head"`` (:mod:`router.head`).
+        predicted_lpips: a head's predicted LPIPS per ratio (``{"32": .., "16": .., "8": ..}``);
+            empty for the rule and the JPEG fallback.
     """
 
     score: float
@@ -135,6 +138,7 @@ class ComplexityScore:
     flags: dict[str, float] = field(default_factory=dict)
     source: str = SOURCE_CAPTION_LLM
     raw_flags: dict[str, float] = field(default_factory=dict)
+    predicted_lpips: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -144,6 +148,7 @@ class ComplexityScore:
             "flags": dict(self.flags),
             "raw_flags": dict(self.raw_flags),
             "source": self.source,
+            **({"predicted_lpips": dict(self.predicted_lpips)} if self.predicted_lpips else {}),
         }
 
     @classmethod
@@ -155,6 +160,7 @@ class ComplexityScore:
             flags={str(k): float(v) for k, v in data.get("flags", {}).items()},
             source=str(data.get("source", SOURCE_CAPTION_LLM)),
             raw_flags={str(k): float(v) for k, v in data.get("raw_flags", {}).items()},
+            predicted_lpips={str(k): float(v) for k, v in data.get("predicted_lpips", {}).items()},
         )
 
 

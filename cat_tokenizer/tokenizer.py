@@ -44,12 +44,14 @@ from cat_foundations.atomic import atomic_write_json
 from cat_foundations.captions import clean_caption
 from cat_foundations.images import limit_max_side, load_image, pil_to_tensor, tensor_to_pil
 from cat_tokenizer.encoded import Encoded
+from cat_tokenizer.index import file_sha256
 from cat_tokenizer.quality import QualityMeter, QualityTarget
 from cat_tokenizer.quality_routing import encode_to_quality
-from cat_tokenizer.router_heads import head_policy, resolve_router_head
+from cat_tokenizer.router_heads import HEAD_DIR_NAME, head_policy, resolve_router_head
 from nested_vae import NestedVAE
 from nested_vae.model import CONFIG_NAME, WEIGHTS_NAME
 from router import RoutingPolicy, load_scorer
+from router.head import RouterHead
 
 DEFAULT_MAX_SIDE = 2048
 BUNDLE_CONFIG = "cat_tokenizer.json"
@@ -188,13 +190,20 @@ class CATTokenizer:
     ) -> None:
         """Write ``vae/`` (NestedVAE.save_pretrained), ``policy.json`` and ``cat_tokenizer.json``.
 
-        The router LLM is not copied: the bundle records its name or path (``model_id``). With
+        The router LLM is not copied: the bundle records its name or path (``model_id``). A fitted
+        router head in use is copied to ``vae/router_head/``, where ``router_head="auto"`` finds it. With
         ``push_to_hub=True`` the folder is then uploaded to the Hub repo ``repo_id`` (default: the
         directory's name), created if needed.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.vae.save_pretrained(directory / "vae")
+        if self.router_options.get("head"):
+            head = RouterHead.load(self.router_options["head"])
+            # The VAE was re-saved (maybe in another dtype): the head also belongs to that file.
+            copies = head.fitted_to.setdefault("vae_weights_sha256_copies", [])
+            copies.append(file_sha256(directory / "vae" / WEIGHTS_NAME))
+            head.save(directory / "vae" / HEAD_DIR_NAME)
         self.policy.save(directory / "policy.json")
         bundle = {
             "format": BUNDLE_FORMAT,

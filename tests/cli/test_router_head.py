@@ -148,3 +148,27 @@ def test_explicit_head_of_another_vae_warns_and_bad_paths_fail(
         assert _run(root, vae_dir, tiny_llama_dir, tmp_path / "t1", "--router-head", stray) == 0
     assert "was fitted to VAE weights 000000000000" in caplog.text
     assert _run(root, vae_dir, tiny_llama_dir, tmp_path / "t2", "--router-head", tmp_path / "nowhere") == 1
+
+
+def test_python_api_and_bundles_keep_the_head(headed, tiny_llama_dir, tmp_path, caplog):
+    from cat_tokenizer import CATTokenizer
+
+    root, vae_dir, head, _ = headed
+    tok = CATTokenizer.from_pretrained(vae=vae_dir, router=str(tiny_llama_dir), device="cpu")
+    assert tok.router_options["head"] == str(vae_dir / "router_head")
+    assert (tok.policy.low, tok.policy.high) == (head.policy["low"], head.policy["high"])
+    encoded = tok.encode(root / "images" / "img_1.png", CAPTIONS[1])
+    assert encoded.score_source == "hybrid_head"
+    bundle = tmp_path / "bundle"
+    tok.save_pretrained(bundle)
+    with caplog.at_level("WARNING"):
+        again = CATTokenizer.from_pretrained(bundle, router=str(tiny_llama_dir), device="cpu")
+    assert "was fitted to VAE weights" not in caplog.text  # the re-saved VAE file is the head's too
+    assert again.encode(root / "images" / "img_1.png", CAPTIONS[1]).score == pytest.approx(
+        encoded.score, abs=1e-4
+    )
+    plain = CATTokenizer.from_pretrained(
+        vae=vae_dir, router=str(tiny_llama_dir), router_head="none", device="cpu"
+    )
+    assert "head" not in plain.router_options
+    assert plain.encode(root / "images" / "img_1.png", CAPTIONS[1]).score_source == "caption_llm"

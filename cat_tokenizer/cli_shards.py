@@ -102,7 +102,7 @@ def _tokenize_shard(tokenizer, settings: TokenizeSettings, contents) -> tuple[li
     errors = list(contents.errors)
     prescored = None
     if settings.uses_router and settings.router_backend == "vllm":
-        prescored = prescore(tokenizer, contents.items, settings.max_side)  # one vLLM pass per input shard
+        prescored = prescore(tokenizer, contents.items)  # one vLLM pass per input shard
     collector = _Collector()
     step = max(ROUTER_CHUNK, settings.batch_size)
     for start in range(0, len(contents.items), step):

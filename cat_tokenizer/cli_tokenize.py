@@ -176,11 +176,12 @@ def load_scorer_or_fail(tokenizer: CATTokenizer, quiet: bool):
         raise FatalError(f"cannot load the router model {tokenizer.router_name!r}: {error}") from None
 
 
-def prescore(tokenizer: CATTokenizer, items: list[WorkItem], max_side: int | None = None) -> dict:
+def prescore(tokenizer: CATTokenizer, items: list[WorkItem]) -> dict:
     """Caption scores for ``items`` (vLLM path, calibration): id -> score.
 
     One router call for all captions; with a hybrid head (which reads pixels too) one call per
-    chunk of :data:`PRESCORE_CHUNK` images, so a large run never holds every image at once. An
+    chunk of :data:`PRESCORE_CHUNK` images, so a large run never holds every image at once. The
+    head sees the image as loaded, before ``--max-side``, as :meth:`CATTokenizer.route` does. An
     unreadable image is left unscored here; encoding records it.
     """
     captioned = [item for item in items if item.caption]
@@ -192,7 +193,7 @@ def prescore(tokenizer: CATTokenizer, items: list[WorkItem], max_side: int | Non
         loaded = []
         for item in captioned[start : start + PRESCORE_CHUNK]:
             try:
-                loaded.append((item, limit_max_side(item.load(), max_side)))
+                loaded.append((item, item.load()))
             except ImageLoadError:
                 continue
         scores = tokenizer.score_captions(
@@ -287,7 +288,7 @@ def _plan_run(state, settings: TokenizeSettings, started: float) -> _Plan:
     if settings.uses_router and (
         settings.router_backend == "vllm" or settings.target_mean_tokens is not None
     ):
-        prescored = prescore(tokenizer, my_items, settings.max_side)
+        prescored = prescore(tokenizer, my_items)
     saved_policy = out_dir / "policy.json"
     if settings.target_mean_tokens is not None and not (settings.resume and saved_policy.exists()):
         tokenizer.policy = _calibrated_policy(state, tokenizer.policy, my_items, prescored, settings)

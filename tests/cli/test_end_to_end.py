@@ -65,12 +65,10 @@ def _tokenize_and_decode(devset_dir, devset_sample, tmp_path, vae, router_model,
     return manifest, recon
 
 
-def _check_routing_and_tokens(manifest, devset_sample, scorer):
-    scores = scorer.score([r["caption"] for r in devset_sample])
-    policy = RoutingPolicy()
+def _check_routing_and_tokens(manifest, devset_sample, scores, policy, source="caption_llm"):
     for record, score in zip(devset_sample, scores):
         entry = manifest[record["image"]]
-        assert entry["score_source"] == "caption_llm"
+        assert entry["score_source"] == source
         assert entry["score"] == pytest.approx(score.score, abs=1e-4)
         assert entry["ratio"] == policy.route(score)
         height, width = entry["size"]
@@ -84,7 +82,8 @@ def test_devset_images_route_by_caption_and_count_tokens(
     manifest, recon = _tokenize_and_decode(
         devset_dir, devset_sample, tmp_path, tiny_vae_dir, tiny_llama_dir, max_side=64
     )
-    _check_routing_and_tokens(manifest, devset_sample, load_scorer(str(tiny_llama_dir)))
+    scores = load_scorer(str(tiny_llama_dir)).score([r["caption"] for r in devset_sample])
+    _check_routing_and_tokens(manifest, devset_sample, scores, RoutingPolicy())  # no head for this model
     for image_id, entry in manifest.items():
         with Image.open(recon / (image_id.rsplit(".", 1)[0] + ".png")) as image:
             assert [image.height, image.width] == entry["size"]
@@ -110,7 +109,16 @@ def test_shipped_checkpoint_reconstructs_devset_images_above_a_psnr_floor(
     manifest, recon = _tokenize_and_decode(
         devset_dir, devset_sample, tmp_path, "default", "default", max_side=256
     )
-    _check_routing_and_tokens(manifest, devset_sample, load_scorer("default"))
+    # The shipped checkpoint carries a hybrid router head fitted with the default router model:
+    # scores are the head's (caption + the image as loaded) and its thresholds are the policy.
+    from nested_vae.model import DEFAULT_WEIGHTS_DIR
+    from router.head import RouterHead
+
+    head_dir = DEFAULT_WEIGHTS_DIR / "router_head"
+    images = [load_image(devset_dir / r["image"]) for r in devset_sample]
+    scores = load_scorer("default", head=head_dir).score([r["caption"] for r in devset_sample], images=images)
+    policy = RoutingPolicy(**RouterHead.load(head_dir).policy)
+    _check_routing_and_tokens(manifest, devset_sample, scores, policy, source="hybrid_head")
     vae = NestedVAE.from_pretrained("default").eval()
     for image_id, entry in manifest.items():
         original = pil_to_tensor(limit_max_side(load_image(devset_dir / image_id), 256))

@@ -172,3 +172,22 @@ def test_python_api_and_bundles_keep_the_head(headed, tiny_llama_dir, tmp_path, 
     )
     assert "head" not in plain.router_options
     assert plain.encode(root / "images" / "img_1.png", CAPTIONS[1]).score_source == "caption_llm"
+
+
+def test_budget_calibration_scores_with_the_head(headed, tiny_llama_dir, tmp_path):
+    """--target-mean-tokens prescores every caption AND image with the hybrid head (in chunks)."""
+    root, vae_dir, head, rows = headed
+    out = tmp_path / "budget"
+    assert _run(root, vae_dir, tiny_llama_dir, out, "--target-mean-tokens", "16x") == 0
+    records = read_jsonl(out / "manifest.jsonl")
+    assert {r["score_source"] for r in records} == {"hybrid_head"}
+    summary = json.loads((out / "summary.json").read_text())
+    # 6 images of 48 px (padded to 64): 16x's budget is 16 tokens each; calibration keeps the
+    # head's threshold gap and shifts it to the closest reachable mean.
+    assert abs(summary["mean_tokens"] - summary["mean_tokens_fixed16"]) <= 8
+    policy = RoutingPolicy.load(out / "policy.json")
+    assert policy.high - policy.low == pytest.approx(head.policy["high"] - head.policy["low"])
+    expected = head.score(head.predict(rows))
+    for index, value in enumerate(expected):
+        record = next(r for r in records if r["id"] == f"img_{index}.png")
+        assert record["score"] == pytest.approx(value, abs=1e-4) and record["ratio"] == policy.route(value)

@@ -42,9 +42,8 @@ from pathlib import Path
 
 import torch
 
-from cat_foundations.atomic import atomic_write_json, atomic_write_text
 from cat_foundations.images import center_crop_resize, load_image
-from eval.report import REPO_ROOT, git_state
+from eval.report import REPO_ROOT, git_state, write_results
 from nested_vae import NestedVAE
 from nested_vae.model import DEFAULT_WEIGHTS_DIR
 
@@ -229,14 +228,6 @@ def describe_context(context: dict) -> str:
         f"{context['cpu_count']} CPU cores, {context['omp_num_threads']} thread(s) per process, load average "
         f"{context['load_average_1min']:.1f} at the end, commit {context['git_commit']}."
     )
-
-
-def write_results(out: Path, name: str, result: dict, note: str) -> None:
-    """``out/<name>.json`` and ``out/<name>.md`` (atomically), and the report on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / f"{name}.json", result)
-    atomic_write_text(out / f"{name}.md", note)
-    print(note)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cat_foundations.atomic import atomic_write_text
 from cat_foundations.images import limit_max_side, load_image, pil_to_tensor
 from cat_tokenizer.cli import main as cat_tokenize
 from cat_tokenizer.readers import load_latent, read_records
 from eval.datasets import iter_samples, read_split_file
 from eval.engine import load_vae
 from eval.metrics import LPIPSMetric, psnr_per_image, ssim_per_image
-from eval.report import REPO_ROOT, run_record, write_json
+from eval.report import REPO_ROOT, run_record, write_results
 
 RUNS = {
     "fixed 16x (--ratio 16)": ["--ratio", "16"],
@@ -149,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench_default_budget", vars(args), "cpu", argv if argv is not None else sys.argv[1:]
     )
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), results)
-    report = render(results)
-    atomic_write_text(out.with_suffix(".md"), report)
-    print(report)
+    write_results(out.parent, out.name, results, render(results))
     return 0
 
 

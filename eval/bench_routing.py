@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from cat_foundations.atomic import atomic_write_text
 from eval.fit_router_head import fit_head, route_levels
 from eval.oracle import COARSE_FIRST, Frontier
-from eval.report import REPO_ROOT, run_record, write_json
+from eval.report import REPO_ROOT, run_record, write_results
 from eval.route_targets import load_route_targets
 from eval.routing_data import METRICS, RoutingTable, load_routing_table
 from router import RoutingPolicy, load_scorer
@@ -58,16 +58,14 @@ def _mean_quality(table: RoutingTable, rows: np.ndarray, level: np.ndarray) -> d
     }
 
 
-def score_routing(scores: np.ndarray, tokens: np.ndarray, budget: float, gap: float) -> np.ndarray:
-    """Levels for ``scores`` with thresholds ``(s, s + gap)``, ``s`` the shift whose mean tokens come
-    closest to ``budget`` -- what ``RoutingPolicy.calibrate(target_mean_tokens=...)`` does, on the
-    targets' token table instead of image sizes."""
-    shifts = np.unique(np.concatenate([scores, scores - gap]))
-    shifts = np.concatenate([[scores.min() - gap - 1.0], shifts, shifts + 1e-6, [scores.max() + 1.0]])
-    rows = np.arange(len(scores))
-    spent = np.array([tokens[rows, route_levels(scores, s, s + gap)].mean() for s in shifts])
-    best = int(np.argmin(np.abs(spent - budget)))
-    return route_levels(scores, shifts[best], shifts[best] + gap)
+def score_routing(scores: np.ndarray, size: int, budget: float, gap: float) -> np.ndarray:
+    """Levels (0 = 32x, 1 = 16x, 2 = 8x) for ``scores`` routed as ``cat-tokenize --target-mean-tokens``
+    routes a run: ``RoutingPolicy.calibrate`` on the scores themselves, threshold gap ``gap`` kept,
+    tokens counted for images of ``size``."""
+    policy = RoutingPolicy.calibrate(
+        scores, target_mean_tokens=budget, image_size=size, base=RoutingPolicy(0.0, gap)
+    )
+    return route_levels(scores, policy.low, policy.high)
 
 
 def quality_target_routing(values: np.ndarray, tokens: np.ndarray, budget: float) -> np.ndarray:
@@ -129,8 +127,9 @@ def evaluate(table: RoutingTable, heldout: str = "heldout") -> dict:
         "image head": (heads["image"].score(predictions["image"]), _gap(heads["image"])),
         "hybrid head": (heads["hybrid"].score(predictions["hybrid"]), _gap(heads["hybrid"])),
     }
+    size = int(table.targets["size"])
     routers = {  # mode -> (budget -> level per held-out image)
-        name: (lambda b, s=s, gap=gap: score_routing(s, tokens, b, gap))
+        name: (lambda b, s=s, gap=gap: score_routing(s, size, b, gap))
         for name, (s, gap) in score_modes.items()
     }
     routers["quality (measured)"] = lambda b: quality_target_routing(lpips, tokens, b)
@@ -142,7 +141,7 @@ def evaluate(table: RoutingTable, heldout: str = "heldout") -> dict:
     routers["oracle (LPIPS)"] = oracle["lpips"].allocate
     levels = {name: route(budget) for name, route in routers.items()}
     fixed_level = np.full(rows.size, REFERENCE)
-    sub = _subset(table, rows)
+    sub = table.subset(rows)
     groups = {"all": np.arange(rows.size)}
     groups.update({f"domain:{d}": np.flatnonzero(sub.domains == d) for d in sorted(set(sub.domains))})
     oracle_means = {
@@ -164,19 +163,18 @@ def evaluate(table: RoutingTable, heldout: str = "heldout") -> dict:
             m: _capture(overall[m], fixed[m], oracle_means[m], lower_better=(m == "lpips")) for m in METRICS
         }
         if name in score_modes:
-            scores, gap = score_modes[name]
+            scores = score_modes[name][0]
             entry["spearman"] = {
                 group: {m: _spearman(scores[members], gains[m][members]) for m in gains}
                 for group, members in groups.items()
             }
-        entry["tokens_to_match_fixed16_lpips"] = fewest_tokens_to_match(
-            routers[name], tokens, lpips, fixed["lpips"]
-        )
+        if name == "oracle (LPIPS)":  # its frontier's exact answer, not a budget sweep
+            entry["tokens_to_match_fixed16_lpips"] = oracle["lpips"].fewest_tokens(-fixed["lpips"])
+        else:
+            entry["tokens_to_match_fixed16_lpips"] = fewest_tokens_to_match(
+                routers[name], tokens, lpips, fixed["lpips"]
+            )
         results["modes"][name] = entry
-    # The oracle's exact answer (its frontier), not the budget sweep's.
-    results["modes"]["oracle (LPIPS)"]["tokens_to_match_fixed16_lpips"] = oracle["lpips"].fewest_tokens(
-        -fixed["lpips"]
-    )
     for entry in results["modes"].values():
         match = entry.get("tokens_to_match_fixed16_lpips")
         entry["token_saving_pct"] = None if match is None else 100.0 * (1 - match / budget)
@@ -195,20 +193,9 @@ def _capture(mode: float, fixed: float, oracle: float, lower_better: bool) -> fl
     return float(won / headroom)
 
 
-def _subset(table: RoutingTable, rows: np.ndarray) -> RoutingTable:
-    return RoutingTable(
-        ids=[table.ids[i] for i in rows], domains=table.domains[rows], splits=table.splits[rows],
-        captions=[table.captions[i] for i in rows], quality={m: v[rows] for m, v in table.quality.items()},
-        tokens=table.tokens[rows], caption_rows=table.caption_rows[rows], image_rows=table.image_rows[rows],
-        rule_scores=table.rule_scores[rows], jpeg_scores=table.jpeg_scores[rows], targets=table.targets,
-    )  # fmt: skip
-
-
 def _image_head(table: RoutingTable):
     """A head on the image features alone: fitted like the others, with the caption block emptied."""
-    empty = RoutingTable(**{**vars(table), "caption_rows": np.zeros((len(table.ids), 0))})
-    head, report = fit_head(empty, "hybrid", split="train")
-    return head, report
+    return fit_head(replace(table, caption_rows=np.zeros((len(table.ids), 0))), "hybrid", split="train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=targets.get("checkpoint", {}),
     )
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), results)
-    report = render(results)
-    atomic_write_text(out.with_suffix(".md"), report)
-    print(report)
+    write_results(out.parent, out.name, results, render(results))
     return 0
 
 

@@ -35,14 +35,8 @@ import time
 from pathlib import Path
 
 from cat_foundations.images import center_crop_resize, load_image
-from eval.bench_cli import (
-    REPO_ROOT,
-    default_devset,
-    describe_context,
-    process_run_context,
-    resolve_vae,
-    write_results,
-)
+from eval.bench_cli import default_devset, describe_context, process_run_context, resolve_vae
+from eval.report import REPO_ROOT, write_results
 
 MODES = ("folder", "shards-safetensors", "shards-webdataset")
 

@@ -191,6 +191,7 @@ def build_parser() -> OneLineParser:
         description="Writes route_targets.json beside --split-file unless --out names a directory or .json file.",
     )
     add_headroom_arguments(targets)
+    targets.set_defaults(out=None)  # beside --split-file (see _headroom_settings)
     return parser
 
 
@@ -286,9 +287,12 @@ def _metric_settings(namespace: argparse.Namespace) -> MetricSettings:
 
 def _headroom_settings(namespace: argparse.Namespace, argv: list[str]) -> HeadroomSettings:
     kind = RouteTargetsSettings if namespace.command == "route-targets" else HeadroomSettings
+    out = namespace.out
+    if out is None:  # route-targets: the targets belong next to the split (and the checkpoint)
+        out = Path(namespace.split_file).parent if namespace.split_file else Path("runs/route_targets")
     return kind(
         dataset=namespace.dataset,
-        out=Path(namespace.out),
+        out=Path(out),
         vae=namespace.vae,
         size=namespace.size,
         split_file=namespace.split_file,

@@ -116,6 +116,14 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(_clean_nan(data), indent=2, default=_json_default) + "\n")
 
 
+def write_results(out: Path, name: str, result: dict, report: str) -> None:
+    """A benchmark's ``out/<name>.json`` and ``out/<name>.md`` (atomically), and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    atomic_write_text(out / f"{name}.md", report)
+    print(report)
+
+
 # --------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------

@@ -37,12 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_output(settings: HeadroomSettings) -> Path:
-    """``--out`` when it names a .json file; else ``route_targets.json`` in --out, or beside the split."""
-    if settings.out.suffix == ".json":
-        return settings.out
-    if settings.split_file and settings.out == Path("runs/headroom"):  # --out left at its default
-        return Path(settings.split_file).parent / FILE_NAME
-    return settings.out / FILE_NAME
+    """``--out`` when it names a .json file, else ``route_targets.json`` in that directory (which
+    :mod:`eval.cli_args` sets to the split file's when ``--out`` is not given)."""
+    return settings.out if settings.out.suffix == ".json" else settings.out / FILE_NAME
 
 
 def _split_of(image_id: str, splits: dict[str, set[str]]) -> str | None:

@@ -11,12 +11,13 @@ image features of :mod:`router.image_features` -- all on the image exactly as it
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cat_foundations.captions import clean_caption
+from cat_foundations.atomic import atomic_write_bytes
 from eval.datasets import iter_samples
 from eval.engine import default_cache_dir
 from eval.oracle import COARSE_FIRST
@@ -24,7 +25,7 @@ from router.cache import cache_key
 from router.fallback import image_complexity_score
 from router.head import caption_features
 from router.image_features import image_features
-from router.scores import PROMPT_VERSION, make_score
+from router.scores import PROMPT_VERSION, cleaned_captions, make_score
 
 METRICS = ("lpips", "psnr", "ssim")
 
@@ -64,6 +65,22 @@ class RoutingTable:
             return self.image_rows
         return np.concatenate([self.caption_rows, self.image_rows], axis=1)
 
+    def subset(self, rows: np.ndarray) -> RoutingTable:
+        """The table of the images at ``rows`` (same provenance)."""
+        return replace(
+            self,
+            ids=[self.ids[i] for i in rows],
+            domains=self.domains[rows],
+            splits=self.splits[rows],
+            captions=[self.captions[i] for i in rows],
+            quality={metric: values[rows] for metric, values in self.quality.items()},
+            tokens=self.tokens[rows],
+            caption_rows=self.caption_rows[rows],
+            image_rows=self.image_rows[rows],
+            rule_scores=self.rule_scores[rows],
+            jpeg_scores=self.jpeg_scores[rows],
+        )
+
     def gain(self, metric: str = "lpips") -> np.ndarray:
         """Quality gained from 32x to 8x (positive = tokens help)."""
         values = self.quality[metric]
@@ -80,18 +97,18 @@ def _caption_states(scorer, captions: list[str], cache_dir: Path) -> list:
         return [
             ((dist, flag), states) for dist, flag, states in zip(data["dist"].tolist(), flags, data["states"])
         ]
-    results = scorer.score_raw_with_states([clean_caption(c) for c in captions])  # as score() cleans
+    results = scorer.score_raw_with_states(cleaned_captions(captions))  # as score() cleans
     names = sorted(results[0][0][1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
+    buffer = io.BytesIO()
     np.savez(
-        partial,
+        buffer,
         dist=np.array([raw[0] for raw, _ in results]),
         flags=np.array([[raw[1][n] for n in names] for raw, _ in results]),
         flag_names=np.array(names),
         states=np.array([states for _, states in results], dtype=np.float32),
     )
-    partial.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
     return results
 
 

@@ -113,7 +113,7 @@ def test_score_routing_meets_the_budget_and_orders_by_score():
     rng = np.random.default_rng(0)
     scores = rng.uniform(1, 9, 200)
     tokens = np.tile(TOKENS, (200, 1))
-    level = score_routing(scores, tokens, budget=256.0, gap=1.0)
+    level = score_routing(scores, 256, budget=256.0, gap=1.0)
     assert abs(tokens[np.arange(200), level].mean() - 256.0) < 15
     assert np.all(np.diff(level[np.argsort(scores)]) >= 0)  # a higher score never gets fewer tokens
 

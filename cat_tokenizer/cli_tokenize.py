@@ -108,10 +108,12 @@ def _check_inputs(settings: TokenizeSettings) -> None:
 
 def router_head_dir(settings: TokenizeSettings) -> Path | None:
     """The fitted head this run routes with (``--router-head``), or None for the rule."""
-    if not settings.uses_router or (settings.router_backend == "vllm" and settings.router_head == "auto"):
+    if not settings.uses_router:
         return None
     try:
-        return resolve_router_head(settings.router_head, settings.vae, settings.router_model)
+        return resolve_router_head(
+            settings.router_head, settings.vae, settings.router_model, settings.router_backend
+        )
     except FileNotFoundError as error:
         raise FatalError(f"--router-head: {error}") from None
 

@@ -36,15 +36,17 @@ def vae_folder(vae) -> Path | None:
     return None
 
 
-def resolve_router_head(spec: str | Path | None, vae, router_model: str | Path = "default") -> Path | None:
+def resolve_router_head(
+    spec: str | Path | None, vae, router_model: str | Path = "default", backend: str = "transformers"
+) -> Path | None:
     """The head directory to use for ``vae`` (see :func:`vae_folder`) and ``router_model``, or None
     for the rule. ``"auto"`` takes the VAE's head only when it was fitted with that router model
-    (a head reads one model's hidden states).
+    (a head reads one model's hidden states) and the backend is transformers (vLLM returns none).
 
     Raises:
         FileNotFoundError: ``spec`` is a directory without a head in it.
     """
-    if spec is None or str(spec) == "none":
+    if spec is None or str(spec) == "none" or (str(spec) == "auto" and backend != "transformers"):
         return None
     if str(spec) == "auto":
         folder = vae_folder(vae)

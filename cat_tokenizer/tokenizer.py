@@ -164,8 +164,8 @@ class CATTokenizer:
             vae = NestedVAE.from_pretrained(str(vae), device=device, dtype=dtype)
         if isinstance(policy, (str, Path)):
             policy = RoutingPolicy.load(policy)
-        if isinstance(router, (str, Path)) and not (router_backend == "vllm" and router_head == "auto"):
-            head_dir = resolve_router_head(router_head, vae, router)
+        if isinstance(router, (str, Path)):
+            head_dir = resolve_router_head(router_head, vae, router, router_backend)
             if head_dir is not None:
                 router_options = {**(router_options or {}), "head": str(head_dir)}
                 policy = policy if policy is not None else head_policy(head_dir, vae)

@@ -59,15 +59,20 @@ def _as_rgb(image) -> Image.Image:
     return load_image(image)
 
 
-def jpeg_bits_per_pixel(image, quality: int = 75, side: int = 256) -> float:
-    """Bits per pixel of ``image`` as a Pillow JPEG at ``quality`` after resizing to shorter side ``side``."""
+def resize_short_side(image, side: int = 256) -> Image.Image:
+    """RGB ``image`` (PIL, path, array...) resized bicubically so its shorter side is ``side`` pixels."""
     rgb = _as_rgb(image)
     scale = side / min(rgb.size)
     size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    resized = rgb.resize(size, Image.Resampling.BICUBIC)
+    return rgb.resize(size, Image.Resampling.BICUBIC)
+
+
+def jpeg_bits_per_pixel(image, quality: int = 75, side: int = 256) -> float:
+    """Bits per pixel of ``image`` as a Pillow JPEG at ``quality`` after resizing to shorter side ``side``."""
+    resized = resize_short_side(image, side)
     buffer = io.BytesIO()
     resized.save(buffer, format="JPEG", quality=quality)
-    return 8.0 * buffer.tell() / (size[0] * size[1])
+    return 8.0 * buffer.tell() / (resized.width * resized.height)
 
 
 def image_complexity_score(image, calibration: JpegBppCalibration = DEFAULT_CALIBRATION) -> ComplexityScore:

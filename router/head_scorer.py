@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cat_foundations.captions import clean_caption
 from router.head import PREDICTED_RATIOS, SOURCE_CAPTION_HEAD, SOURCE_HYBRID_HEAD, RouterHead
-from router.scores import PROMPT_VERSION, ComplexityScorer, make_score
+from router.scores import PROMPT_VERSION, ComplexityScorer, cleaned_captions, make_score
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +63,9 @@ class HeadScorer(ComplexityScorer):
 
     def score(self, captions: list[str], images: Sequence | None = None) -> list:
         """Head scores for ``captions`` (and, for a hybrid head, ``images``, one per caption)."""
-        if isinstance(captions, str):
-            raise TypeError("score() takes a list of captions, not a single string")
+        cleaned = cleaned_captions(captions)
         if self.needs_image and (images is None or len(images) != len(captions)):
             raise ValueError("a hybrid router head needs one image per caption (score(captions, images=...))")
-        cleaned = []
-        for index, caption in enumerate(captions):
-            text = clean_caption(caption) if isinstance(caption, str) else None
-            if text is None:
-                raise ValueError(f"caption {index} is empty or not a string ({caption!r})")
-            cleaned.append(text)
         results = self.inner.score_raw_with_states(cleaned)
         rows = []
         for index, (raw, states) in enumerate(results):

@@ -17,13 +17,12 @@ scale), as the JPEG fallback does.
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 from PIL import Image
 
-from router.fallback import _as_rgb
+from router.fallback import jpeg_bits_per_pixel, resize_short_side
 
 IMAGE_FEATURE_NAMES = (
     "log_jpeg_bpp_q75",
@@ -36,19 +35,6 @@ IMAGE_FEATURE_NAMES = (
 _EPS = 1e-8
 
 
-def _resized(image, side: int) -> Image.Image:
-    rgb = _as_rgb(image)
-    scale = side / min(rgb.size)
-    size = (max(32, round(rgb.width * scale)), max(32, round(rgb.height * scale)))
-    return rgb.resize(size, Image.Resampling.BICUBIC) if size != rgb.size else rgb
-
-
-def _jpeg_bpp(image: Image.Image, quality: int) -> float:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return 8.0 * buffer.tell() / (image.width * image.height)
-
-
 def _thumbnail_mse(image: Image.Image, pixels: np.ndarray, ratio: int) -> float:
     grid = (max(1, image.width // ratio), max(1, image.height // ratio))
     thumbnail = image.resize(grid, Image.Resampling.BOX).resize(image.size, Image.Resampling.BICUBIC)
@@ -57,13 +43,13 @@ def _thumbnail_mse(image: Image.Image, pixels: np.ndarray, ratio: int) -> float:
 
 def image_features(image, side: int = 256) -> list[float]:
     """The :data:`IMAGE_FEATURE_NAMES` values of one image (PIL, path, array...), in that order."""
-    resized = _resized(image, side)
+    resized = resize_short_side(image, side)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     luminance = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     gradient = np.mean(np.diff(luminance, axis=0) ** 2) + np.mean(np.diff(luminance, axis=1) ** 2)
     values = [
-        math.log(_jpeg_bpp(resized, 75)),
-        math.log(_jpeg_bpp(resized, 30)),
+        math.log(jpeg_bits_per_pixel(resized, 75, side)),  # already at ``side``: not resized again
+        math.log(jpeg_bits_per_pixel(resized, 30, side)),
         math.log(float(gradient) + _EPS),
     ]
     values += [math.log(_thumbnail_mse(resized, pixels, ratio) + _EPS) for ratio in (8, 16, 32)]

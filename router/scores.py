@@ -388,6 +388,22 @@ class PromptTokens:
         )
 
 
+def cleaned_captions(captions: list[str]) -> list[str]:
+    """The captions a scorer reads (:func:`clean_caption`), or an error naming the first bad one."""
+    if isinstance(captions, str):
+        raise TypeError("score() takes a list of captions, not a single string")
+    cleaned = []
+    for index, caption in enumerate(captions):
+        text = clean_caption(caption) if isinstance(caption, str) else None
+        if text is None:
+            raise ValueError(
+                f"caption {index} is empty or not a string ({caption!r}); use "
+                "router.image_complexity_score(image) for images without a caption"
+            )
+        cleaned.append(text)
+    return cleaned
+
+
 class ComplexityScorer(abc.ABC):
     """Scores captions. Implementations: transformers (default) and vLLM backends, cache wrapper.
 
@@ -409,13 +425,5 @@ class ComplexityScorer(abc.ABC):
 
     def score(self, captions: list[str]) -> list[ComplexityScore]:
         """Score captions (any number; batching is the backend's business)."""
-        if isinstance(captions, str):
-            raise TypeError("score() takes a list of captions, not a single string")
-        for index, caption in enumerate(captions):
-            if not isinstance(caption, str) or clean_caption(caption) is None:
-                raise ValueError(
-                    f"caption {index} is empty or not a string ({caption!r}); use "
-                    "router.image_complexity_score(image) for images without a caption"
-                )
-        raw = self.score_raw([clean_caption(c) for c in captions])
+        raw = self.score_raw(cleaned_captions(captions))
         return [make_score(dist, flags, self.rule) for dist, flags in raw]

@@ -7,7 +7,8 @@ meets a quality bar such as ``lpips<=0.25`` or ``psnr>=26``; images that meet it
 
 ``cat-train ratio-labels --vae DIR --source captions.jsonl --split-file split.json --subset train
 --bar 'lpips<=0.25' --out labels.jsonl`` writes ``{"image", "ratio", <metric per ratio>}`` lines
-that ``data.ratio_labels`` reads.
+that ``data.ratio_labels`` reads. ``--from-targets route_targets.json`` (``cat-bench route-targets``,
+which measured every image at every ratio already) gives the same labels without re-measuring.
 """
 
 from __future__ import annotations
@@ -102,11 +103,49 @@ def oracle_labels(vae: NestedVAE, data: DataConfig, bar: QualityBar, size: int =
     return records
 
 
+def labels_from_targets(path: str | Path, bar: QualityBar, subset: str | None = None) -> list[dict]:
+    """Label records from a ``cat-route-targets-v1`` file's per-image metrics (no model run).
+
+    Args:
+        path: the route-targets JSON (``images[].id``, ``.split``, ``.metrics[ratio][metric]``).
+        bar: the quality bar; its metric must have been measured in the file.
+        subset: keep only images of this split (``None``: all).
+
+    Raises:
+        ValueError: not a route-targets file, or an image lacks the bar's metric (image named).
+    """
+    targets = json.loads(Path(path).read_text())
+    if not isinstance(targets, dict) or not str(targets.get("format", "")).startswith("cat-route-targets"):
+        raise ValueError(f"{path}: not a route-targets file (written by 'cat-bench route-targets')")
+    records = []
+    for image in targets["images"]:
+        if subset is not None and image.get("split") != subset:
+            continue
+        try:
+            quality = {int(r): float(image["metrics"][str(r)][bar.metric]) for r in RATIOS}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{path}: image {image.get('id')!r} has no {bar.metric} at every ratio"
+            ) from None
+        records.append(
+            {
+                "image": image["id"],
+                "ratio": cheapest_ratio(quality, bar),
+                bar.metric: {str(r): round(v, 5) for r, v in quality.items()},
+            }
+        )
+    if not records:
+        raise ValueError(f"{path}: no image in split {subset!r}")
+    return records
+
+
 def main(argv: list[str]) -> int:
     """``cat-train ratio-labels``: write oracle labels for ``data.ratio_labels``."""
     parser = argparse.ArgumentParser(prog="cat-train ratio-labels", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--vae", required=True, help="checkpoint directory or 'default'")
-    parser.add_argument("--source", required=True, help="captions.jsonl / image folder / dataset id")
+    origin = parser.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--vae", help="checkpoint directory or 'default' (with --source: measure now)")
+    origin.add_argument("--from-targets", help="route_targets.json with every image's metrics per ratio")
+    parser.add_argument("--source", help="captions.jsonl / image folder / dataset id (with --vae)")
     parser.add_argument("--split-file", help="JSON split file (e.g. the devset's split.json)")
     parser.add_argument("--subset", default="train")
     parser.add_argument("--bar", required=True, help="quality bar, e.g. 'lpips<=0.25' or 'psnr>=26'")
@@ -114,8 +153,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="labels .jsonl to write")
     args = parser.parse_args(argv)
     bar = QualityBar.parse(args.bar)
-    data = DataConfig(source=args.source, split_file=args.split_file, subset=args.subset)
-    records = oracle_labels(NestedVAE.from_pretrained(args.vae).float(), data, bar, args.size)
+    if args.from_targets:
+        records = labels_from_targets(args.from_targets, bar, args.subset)
+    elif not args.source:
+        parser.error("--vae needs --source (the images to measure)")
+    else:
+        data = DataConfig(source=args.source, split_file=args.split_file, subset=args.subset)
+        records = oracle_labels(NestedVAE.from_pretrained(args.vae).float(), data, bar, args.size)
     write_jsonl(Path(args.out), records)
     counts = {r: sum(record["ratio"] == r for record in records) for r in RATIOS}
     print(json.dumps({"images": len(records), "labels_per_ratio": counts, "bar": args.bar}))

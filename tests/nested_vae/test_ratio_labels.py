@@ -71,3 +71,28 @@ def test_bad_label_lines_name_file_and_line(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"labels\.jsonl:1: not JSON"):
         read_ratio_labels(path)
+
+
+def test_labels_from_route_targets_use_the_measured_metrics_of_one_split(tmp_path, capsys):
+    def image(name, split, lpips):
+        metrics = {str(r): {"psnr": 20.0, "lpips": v} for r, v in zip((8, 16, 32), lpips)}
+        return {"id": name, "split": split, "metrics": metrics}
+
+    targets = tmp_path / "route_targets.json"
+    images = [image("a.png", "train", (0.1, 0.3, 0.5)), image("b.png", "train", (0.1, 0.2, 0.3))]
+    images.append(image("c.png", "heldout", (0.5, 0.6, 0.7)))
+    targets.write_text(json.dumps({"format": "cat-route-targets-v1", "images": images}))
+    labels = tmp_path / "labels.jsonl"
+    argv = ["--from-targets", str(targets), "--bar", "lpips<=0.3", "--subset", "train", "--out", str(labels)]
+    assert main(argv) == 0
+    assert read_ratio_labels(labels) == {"a.png": 16, "b.png": 32}
+    assert json.loads(capsys.readouterr().out)["labels_per_ratio"] == {"8": 0, "16": 1, "32": 1}
+
+    targets.write_text(
+        json.dumps({"format": "cat-route-targets-v1", "images": [image("d.png", "train", ())]})
+    )
+    with pytest.raises(ValueError, match="'d.png' has no lpips at every ratio"):
+        main(argv)
+    targets.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="not a route-targets file"):
+        main(argv)

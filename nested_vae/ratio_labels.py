@@ -70,6 +70,15 @@ def cheapest_ratio(quality: dict[int, float], bar: QualityBar) -> int:
     return min(quality)
 
 
+def label_record(image: str, quality: dict[int, float], bar: QualityBar) -> dict:
+    """One labels-file line: the image name, its cheapest ratio meeting ``bar`` and the metric per ratio."""
+    return {
+        "image": image,
+        "ratio": cheapest_ratio(quality, bar),
+        bar.metric: {str(r): round(v, 5) for r, v in quality.items()},
+    }
+
+
 @torch.no_grad()
 def image_quality(vae: NestedVAE, image: torch.Tensor, bar: QualityBar, lpips=None) -> dict[int, float]:
     """``{ratio: metric}`` of one image ``(3, H, W)`` in [-1, 1] reconstructed at every ratio."""
@@ -92,14 +101,7 @@ def oracle_labels(vae: NestedVAE, data: DataConfig, bar: QualityBar, size: int =
     for row in load_training_dataset(data):
         path = row_image_path(row)
         image = pil_to_tensor(center_crop_resize(load_image(path), size))
-        quality = image_quality(vae, image, bar, lpips)
-        records.append(
-            {
-                "image": Path(path).name,
-                "ratio": cheapest_ratio(quality, bar),
-                bar.metric: {str(r): round(v, 5) for r, v in quality.items()},
-            }
-        )
+        records.append(label_record(Path(path).name, image_quality(vae, image, bar, lpips), bar))
     return records
 
 
@@ -127,13 +129,7 @@ def labels_from_targets(path: str | Path, bar: QualityBar, subset: str | None = 
             raise ValueError(
                 f"{path}: image {image.get('id')!r} has no {bar.metric} at every ratio"
             ) from None
-        records.append(
-            {
-                "image": image["id"],
-                "ratio": cheapest_ratio(quality, bar),
-                bar.metric: {str(r): round(v, 5) for r, v in quality.items()},
-            }
-        )
+        records.append(label_record(image["id"], quality, bar))
     if not records:
         raise ValueError(f"{path}: no image in split {subset!r}")
     return records
@@ -146,7 +142,9 @@ def main(argv: list[str]) -> int:
     origin.add_argument("--vae", help="checkpoint directory or 'default' (with --source: measure now)")
     origin.add_argument("--from-targets", help="route_targets.json with every image's metrics per ratio")
     parser.add_argument("--source", help="captions.jsonl / image folder / dataset id (with --vae)")
-    parser.add_argument("--split-file", help="JSON split file (e.g. the devset's split.json)")
+    parser.add_argument(
+        "--split-file", help="JSON split file (with --vae; --from-targets uses each image's recorded split)"
+    )
     parser.add_argument("--subset", default="train")
     parser.add_argument("--bar", required=True, help="quality bar, e.g. 'lpips<=0.25' or 'psnr>=26'")
     parser.add_argument("--size", type=int, default=256, help="center-crop side (default 256)")

@@ -53,7 +53,8 @@ class TrainConfig:
         lr_scheduler: a ``transformers.get_scheduler`` name for the VAE optimizer.
         lr_warmup_steps: warm-up steps of the scheduler.
         max_grad_norm: gradient clipping of both models (0: off).
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast/GradScaler).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast/GradScaler). On a CPU
+            without native bf16 (no AVX512-BF16/AMX) ``"bf16"`` trains in fp32 instead, with a warning.
         ema: keep an exponential moving average of the VAE weights (exported instead of the raw weights).
         ema_decay: EMA decay per optimizer step.
         checkpoint_every: save a checkpoint every this many steps (and always at the end).

@@ -12,6 +12,7 @@ from cat_foundations import cache
 from cat_foundations.atomic import atomic_write_json, read_jsonl, write_jsonl
 from cat_foundations.captions import clean_caption
 from cat_foundations.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, FatalError, run_cli
+from cat_foundations.hardware import mixed_precision_for
 from cat_foundations.ratios import RATIOS, latent_size, tokens_for
 from nested_vae import RATIOS as VAE_RATIOS
 from nested_vae import NestedVAE
@@ -102,8 +103,19 @@ def test_cat_router_bad_policy_is_one_line_not_a_traceback(tmp_path, capsys):
 def test_cat_bench_missing_dataset_is_fatal(tmp_path, capsys):
     from eval.cli import main
 
-    code = main(["prepare", "--dataset", str(tmp_path / "missing"), "--router", "none", "--no-fid",
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = main(
+        [
+            "prepare",
+            "--dataset",
+            str(tmp_path / "missing"),
+            "--router",
+            "none",
+            "--no-fid",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ]
+    )
     assert code == EXIT_FATAL
     assert capsys.readouterr().err.startswith("cat-bench: error:")
 
@@ -139,3 +151,17 @@ def test_atomic_writes_leave_no_temporary(tmp_path):
     assert read_jsonl(tmp_path / "b.jsonl") == [{"y": 2}, {"z": 3}]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.jsonl"]
     assert read_jsonl(Path(tmp_path / "absent.jsonl")) == []
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "native", "expected"),
+    [
+        ("bf16", "cpu", False, "no"),  # emulated bf16: 26x an fp32 step on AVX2
+        ("bf16", "cpu", True, "bf16"),
+        ("bf16", "cuda", False, "bf16"),  # the GPU's bf16 does not depend on the host CPU
+        ("fp16", "cpu", False, "fp16"),
+        ("no", "cpu", True, "no"),
+    ],
+)
+def test_mixed_precision_falls_back_only_where_bf16_is_emulated(requested, device, native, expected):
+    assert mixed_precision_for(requested, device, native) == expected

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from cat_foundations.hardware import cpu_has_native_bf16
 from nested_vae import NestedVAE
 from nested_vae.train import Trainer, build_vae, checkpoint_dirs, export_checkpoint, load_config
 
@@ -192,6 +193,32 @@ def test_two_process_cpu_accelerate_launch(tmp_path, captions_file):
         "random_states_1.pkl",
     }
     assert NestedVAE.from_pretrained(output / "export").config.base_channels == 8
+
+
+def test_bf16_config_trains_in_the_precision_this_cpu_runs_natively(tmp_path, captions_file):
+    """A bf16 config (the CPU recipes') on this machine: bf16 where the CPU has it, else fp32 + a warning.
+
+    A subprocess: accelerate fixes one mixed precision per process, and the other tests train in fp32.
+    """
+    output = tmp_path / "bf16"
+    command = [
+        sys.executable, "-m", "nested_vae.train",
+        *_overrides(output, captions_file, max_steps=1, mixed_precision="bf16", **{"loss.perceptual": "none"}),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if cpu_has_native_bf16():
+        assert "mixed precision bf16" in result.stdout and "no native bf16" not in result.stderr
+    else:
+        assert "mixed precision no" in result.stdout
+        assert "this CPU has no native bf16" in result.stderr and "training in fp32" in result.stderr
+    # The run records what was asked for; the precision used is the machine's business.
+    assert yaml.safe_load((output / "config.yaml").read_text())["mixed_precision"] == "bf16"
 
 
 def test_init_from_with_shape_preserving_override_keeps_weights(tiny_vae_dir):

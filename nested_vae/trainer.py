@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from PIL import Image
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -133,7 +133,9 @@ class _TrainerState:
 
 def _worthwhile_mixed_precision(requested: str) -> str:
     """``requested``, or fp32 with a warning where it is bf16 and this CPU would only emulate it."""
-    device_type = PartialState().device.type  # the device the Accelerator below will train on
+    # The device the Accelerator below will train on: its state is a per-process singleton, built here
+    # exactly as Accelerator() would (ACCELERATE_USE_CPU decides cpu=, as in AcceleratorState).
+    device_type = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device.type
     native = cpu_has_native_bf16() if device_type == "cpu" else True
     chosen = mixed_precision_for(requested, device_type, native)
     if chosen != requested:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from cat_foundations.atomic import atomic_write_json
+from cat_foundations.hardware import cpu_has_native_bf16
 from eval.bench_vae import peak_tensor_memory_bytes
 from nested_vae.train import Trainer, load_config
 
@@ -162,7 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up)")
     parser.add_argument("--phases", nargs="+", default=["reconstruction"], choices=list(PHASES))
-    parser.add_argument("--variants", nargs="+", default=["no", "bf16", "bf16:cl"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="default: no bf16 bf16:cl; on a CPU without native bf16 no no:cl (emulated bf16 is ~26x slower)",
+    )
     parser.add_argument("--perceptual", default="lpips-alex", choices=list(PERCEPTUAL))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op threads")
@@ -173,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if args.variants is None:
+        native = args.device != "cpu" or cpu_has_native_bf16()
+        args.variants = ["no", "bf16", "bf16:cl"] if native else ["no", "no:cl"]
     for variant in args.variants:
         precision, _, layout = variant.partition(":")
         if precision not in ("no", "bf16") or layout not in ("", "cl"):

@@ -1,24 +1,49 @@
-"""Every training recipe in configs/ is a valid cat-train config (unknown keys and bad values fail)."""
+"""Every training recipe in configs/ is a valid cat-train config (unknown keys and bad values fail),
+and the files it names ship with the repository."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from nested_vae.data import read_ratio_labels
 from nested_vae.train import load_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_recipe_loads_and_validates(path):
+def test_there_are_recipes():
+    assert {p.name for p in CONFIGS} >= {"cpu_stage1.yaml", "cpu_stage2.yaml", "gpu_stage1.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_recipe_loads_validates_and_names_files_that_ship(path):
     config = load_config(str(path))
     assert config.max_steps > config.start_step
+    # The split and ratio labels are part of the recipe (in git); data.source and init_from may be
+    # a run's outputs or the shared data, which are not.
+    for name in (config.data.split_file, config.data.ratio_labels):
+        if name is not None:
+            assert (REPO_ROOT / name).is_file(), f"{path.name} names {name}, which is not in the repository"
+    if config.ratio_sampling == "router":
+        assert config.data.ratio_labels, f"{path.name}: ratio_sampling router needs data.ratio_labels"
 
 
 def test_v3_recipes_use_the_smooth_shortcut_and_real_lpips():
     for name in ("cpu_stage1", "gpu_stage1"):
-        config = load_config(str(CONFIG_DIR / "v3" / f"{name}.yaml"))
+        config = load_config(str(REPO_ROOT / "configs" / "v3" / f"{name}.yaml"))
         assert config.model["pixel_shortcut"] == "smooth" and config.loss.perceptual == "lpips"
+
+
+def test_shipped_ratio_labels_cover_exactly_the_training_split():
+    """Routed training must not see held-out images: the labels name the 294 training images only."""
+    config = load_config(str(REPO_ROOT / "configs" / "v3" / "cpu_stage2.yaml"))
+    labels = read_ratio_labels(REPO_ROOT / config.data.ratio_labels)
+    split = json.loads((REPO_ROOT / config.data.split_file).read_text())
+    assert set(labels) == {Path(name).name for name in split["train"]}
+    assert not set(labels) & {Path(name).name for name in split["heldout"]}
+    # A label per ratio: every exit trains (stage 9: 112 / 126 / 56 images at 8x / 16x / 32x).
+    assert {ratio: list(labels.values()).count(ratio) for ratio in (8, 16, 32)} == {8: 112, 16: 126, 32: 56}

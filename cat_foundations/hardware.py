@@ -13,8 +13,13 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def mixed_precision_for(requested: str, device_type: str, native_bf16: bool) -> str:
-    """The mixed precision worth training in: ``requested``, except bf16 on a CPU that only emulates it.
+def bf16_is_native(device_type: str) -> bool:
+    """Whether bf16 runs natively on a ``device_type`` device: on GPUs, and on CPUs with AVX512-BF16/AMX."""
+    return device_type != "cpu" or cpu_has_native_bf16()
+
+
+def mixed_precision_for(requested: str, native_bf16: bool) -> str:
+    """The mixed precision worth training in: ``requested``, except bf16 where it would only be emulated.
 
     Emulated bf16 autocast costs 26x an fp32 training step on a 2-core AVX2 CPU
     (``eval/results/bench_train_avx2.json``: 107 s vs 4.05 s at 128², batch 8), so a config written
@@ -22,9 +27,8 @@ def mixed_precision_for(requested: str, device_type: str, native_bf16: bool) -> 
 
     Args:
         requested: the configured ``mixed_precision`` (``"no"``, ``"bf16"`` or ``"fp16"``).
-        device_type: the training device's type (``"cpu"``, ``"cuda"``, ...).
-        native_bf16: whether this CPU runs bf16 natively (:func:`cpu_has_native_bf16`).
+        native_bf16: whether the training device runs bf16 natively (:func:`bf16_is_native`).
     """
-    if requested == "bf16" and device_type == "cpu" and not native_bf16:
+    if requested == "bf16" and not native_bf16:
         return "no"
     return requested

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from cat_foundations.atomic import atomic_write_json
-from cat_foundations.hardware import cpu_has_native_bf16
+from cat_foundations.hardware import bf16_is_native
 from eval.bench_vae import peak_tensor_memory_bytes
 from nested_vae.train import Trainer, load_config
 
@@ -180,8 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.variants is None:
-        native = args.device != "cpu" or cpu_has_native_bf16()
-        args.variants = ["no", "bf16", "bf16:cl"] if native else ["no", "no:cl"]
+        args.variants = ["no", "bf16", "bf16:cl"] if bf16_is_native(args.device) else ["no", "no:cl"]
     for variant in args.variants:
         precision, _, layout = variant.partition(":")
         if precision not in ("no", "bf16") or layout not in ("", "cl"):

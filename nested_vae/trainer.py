@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from cat_foundations.hardware import cpu_has_native_bf16, mixed_precision_for
+from cat_foundations.hardware import bf16_is_native, mixed_precision_for
 from cat_foundations.images import tensor_to_pil
 
 from .data import build_dataset
@@ -136,8 +136,7 @@ def _worthwhile_mixed_precision(requested: str) -> str:
     # The device the Accelerator below will train on: its state is a per-process singleton, built here
     # exactly as Accelerator() would (ACCELERATE_USE_CPU decides cpu=, as in AcceleratorState).
     device_type = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device.type
-    native = cpu_has_native_bf16() if device_type == "cpu" else True
-    chosen = mixed_precision_for(requested, device_type, native)
+    chosen = mixed_precision_for(requested, bf16_is_native(device_type))
     if chosen != requested:
         warnings.warn(
             f"mixed_precision={requested!r} asked for, but this CPU has no native bf16 (AVX512-BF16 or "

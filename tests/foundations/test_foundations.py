@@ -12,7 +12,7 @@ from cat_foundations import cache
 from cat_foundations.atomic import atomic_write_json, read_jsonl, write_jsonl
 from cat_foundations.captions import clean_caption
 from cat_foundations.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, FatalError, run_cli
-from cat_foundations.hardware import mixed_precision_for
+from cat_foundations.hardware import bf16_is_native, cpu_has_native_bf16, mixed_precision_for
 from cat_foundations.ratios import RATIOS, latent_size, tokens_for
 from nested_vae import RATIOS as VAE_RATIOS
 from nested_vae import NestedVAE
@@ -154,14 +154,18 @@ def test_atomic_writes_leave_no_temporary(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("requested", "device", "native", "expected"),
+    ("requested", "native", "expected"),
     [
-        ("bf16", "cpu", False, "no"),  # emulated bf16: 26x an fp32 step on AVX2
-        ("bf16", "cpu", True, "bf16"),
-        ("bf16", "cuda", False, "bf16"),  # the GPU's bf16 does not depend on the host CPU
-        ("fp16", "cpu", False, "fp16"),
-        ("no", "cpu", True, "no"),
+        ("bf16", False, "no"),  # emulated bf16: 26x an fp32 step on AVX2
+        ("bf16", True, "bf16"),
+        ("fp16", False, "fp16"),
+        ("no", True, "no"),
     ],
 )
-def test_mixed_precision_falls_back_only_where_bf16_is_emulated(requested, device, native, expected):
-    assert mixed_precision_for(requested, device, native) == expected
+def test_mixed_precision_falls_back_only_where_bf16_is_emulated(requested, native, expected):
+    assert mixed_precision_for(requested, native) == expected
+
+
+def test_bf16_is_native_on_gpus_and_on_cpus_that_have_it():
+    assert bf16_is_native("cuda")  # the GPU's bf16 does not depend on the host CPU
+    assert bf16_is_native("cpu") == cpu_has_native_bf16()

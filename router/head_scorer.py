@@ -52,7 +52,9 @@ class HeadScorer(ComplexityScorer):
             ("prompt version", PROMPT_VERSION, fitted.get("prompt_version")),
         ):
             if theirs is not None and mine != theirs:
-                logger.warning("router head %s was fitted with %s %r, not %r", self.head.digest, name, theirs, mine)
+                logger.warning(
+                    "router head %s was fitted with %s %r, not %r", self.head.digest, name, theirs, mine
+                )
 
     @property
     def needs_image(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,23 @@ def test_oracle_labels_command_writes_labels_that_training_reads(
     assert dataset["ratio"] == [32, 32, 32]
     assignment = RatioSampler("router").assign(3, step=0, labels=torch.tensor(dataset["ratio"]))
     assert assignment.ratios == [32, 32, 32]
+
+
+def test_caption_router_scores_are_labels_that_training_reads(
+    tmp_path, tiny_llama_dir, devset_dir, devset_sample
+):
+    """The caption router's labels (model card stage 12): ``cat-router score --out`` feeds ``data.ratio_labels``."""
+    from router.cli import main as router_main
+
+    captions, names = _captions(tmp_path, devset_dir, devset_sample)
+    scores = tmp_path / "caption_labels.jsonl"
+    argv = ["score", "--captions", str(captions), "--model", str(tiny_llama_dir), "--out", str(scores)]
+    assert router_main(argv) == 0
+    routed = {Path(r["image"]).name: r["ratio"] for r in map(json.loads, scores.read_text().splitlines())}
+    assert sorted(routed) == sorted(names) and set(routed.values()) <= {8, 16, 32}
+
+    dataset = load_training_dataset(DataConfig(source=str(captions), ratio_labels=str(scores)))
+    assert dataset["ratio"] == [routed[name] for name in names]
 
 
 def test_labels_from_a_tokenize_manifest_and_unlabelled_images(tmp_path, devset_dir, devset_sample):

@@ -48,7 +48,7 @@ def test_shipped_ratio_labels_cover_exactly_the_training_split():
     assert not set(labels) & {Path(name).name for name in split["heldout"]}
     # They are the shipped checkpoint's own oracle labels (what the recipe continues from), measured in
     # its route_targets.json, and every exit gets images to train on.
-    targets = REPO_ROOT / "nested_vae" / "weights" / "default" / "route_targets.json"
+    targets = REPO_ROOT / config.init_from / "route_targets.json"
     oracle = labels_from_targets(targets, QualityBar.parse("lpips<=0.4"), subset="train")
     assert labels == {record["image"]: record["ratio"] for record in oracle}
     assert all(list(labels.values()).count(ratio) >= 30 for ratio in (8, 16, 32))

@@ -6,10 +6,14 @@ import torch
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); elsewhere bf16 is a slow emulation."""
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); elsewhere bf16 is a slow emulation.
+
+    Not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: oneDNN says yes on every AVX-512 CPU, also those
+    without the BF16 instructions, where bf16 autocast trained a 128² step in 12 s against 4.4 s in fp32.
+    """
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without these probes: fp32 is never the slow choice
         return False
 
 

@@ -169,3 +169,15 @@ def test_mixed_precision_falls_back_only_where_bf16_is_emulated(requested, nativ
 def test_bf16_is_native_on_gpus_and_on_cpus_that_have_it():
     assert bf16_is_native("cuda")  # the GPU's bf16 does not depend on the host CPU
     assert bf16_is_native("cpu") == cpu_has_native_bf16()
+
+
+@pytest.mark.skipif(
+    not Path("/proc/cpuinfo").exists(), reason="the CPU's flags are read from Linux's /proc/cpuinfo"
+)
+def test_native_bf16_means_the_cpu_has_the_bf16_instructions():
+    """AVX-512 without AVX512-BF16 emulates bf16 (oneDNN calls it supported there): that is not native."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

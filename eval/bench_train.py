@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from cat_foundations.atomic import atomic_write_json
-from cat_foundations.hardware import bf16_is_native
+from cat_foundations.hardware import bf16_is_native, cpu_flags
 from eval.bench_vae import peak_tensor_memory_bytes
 from nested_vae.train import Trainer, load_config
 
@@ -146,15 +146,8 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return []
-    return sorted(
-        flag for flag in flags.split() if flag.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))
-    )
+    """The flags that decide which numerics pay (bf16 natively or emulated)."""
+    return sorted(flag for flag in cpu_flags() if flag.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
 
 
 def _parser() -> argparse.ArgumentParser:

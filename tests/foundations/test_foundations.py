@@ -12,7 +12,7 @@ from cat_foundations import cache
 from cat_foundations.atomic import atomic_write_json, read_jsonl, write_jsonl
 from cat_foundations.captions import clean_caption
 from cat_foundations.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, FatalError, run_cli
-from cat_foundations.hardware import bf16_is_native, cpu_has_native_bf16, mixed_precision_for
+from cat_foundations.hardware import bf16_is_native, cpu_flags, cpu_has_native_bf16, mixed_precision_for
 from cat_foundations.ratios import RATIOS, latent_size, tokens_for
 from nested_vae import RATIOS as VAE_RATIOS
 from nested_vae import NestedVAE
@@ -176,8 +176,4 @@ def test_bf16_is_native_on_gpus_and_on_cpus_that_have_it():
 )
 def test_native_bf16_means_the_cpu_has_the_bf16_instructions():
     """AVX-512 without AVX512-BF16 emulates bf16 (oneDNN calls it supported there): that is not native."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_has_native_bf16() == bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

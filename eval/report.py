@@ -221,15 +221,17 @@ def plot_domain_bars(tables: dict[str, dict[str, dict]], path: Path, methods: li
 
 
 def plot_reconstruction_grid(rows: list[dict], path: Path, thumbnail: int = 160) -> Path:
-    """Grid: one row per image: original, each fixed ratio, and the adaptive choice.
+    """Grid: one row per image: original, each fixed ratio, and the adaptive choice (when routed).
 
     Args:
-        rows: ``{"id", "domain", "original": PIL, "recon": {ratio: PIL}, "adaptive_ratio": int}``.
+        rows: ``{"id", "domain", "original": PIL, "recon": {ratio: PIL}, "adaptive_ratio": int | None}``;
+            the "adaptive" column appears only when some row was routed (``cat-bench recon --ratios`` with ``auto``).
         thumbnail: pixel side of each cell.
     """
     plt = _pyplot()
     ratios = sorted(rows[0]["recon"]) if rows else []
-    columns = ["original"] + [f"{r}x" for r in ratios] + ["adaptive"]
+    routed = any(row.get("adaptive_ratio") is not None for row in rows)
+    columns = ["original"] + [f"{r}x" for r in ratios] + (["adaptive"] if routed else [])
     cell = thumbnail / 100
     figure, axes = plt.subplots(
         len(rows), len(columns), figsize=(cell * len(columns), cell * len(rows) * 1.08), squeeze=False
@@ -239,7 +241,7 @@ def plot_reconstruction_grid(rows: list[dict], path: Path, thumbnail: int = 160)
         images = (
             [row["original"]]
             + [row["recon"][r] for r in ratios]
-            + [row["recon"].get(adaptive, row["original"])]
+            + ([row["recon"][adaptive]] if routed else [])
         )
         for j, (image, column) in enumerate(zip(images, columns)):
             axis = axes[i][j]

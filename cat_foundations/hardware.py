@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -20,13 +21,25 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty elsewhere)."""
+def _cpuinfo_values(key: str) -> list[str]:
+    """Every value of ``key`` in Linux's /proc/cpuinfo, one per logical CPU (empty elsewhere)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        return []
+    fields = (line.split(":", 1) for line in lines if ":" in line)
+    return [value.strip() for name, value in fields if name.strip() == key]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty elsewhere)."""
+    return {flag for value in _cpuinfo_values("flags") for flag in value.split()}
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or ``platform.processor()`` where Linux's file is missing."""
+    names = _cpuinfo_values("model name")
+    return names[0] if names else platform.processor()
 
 
 def bf16_is_native(device_type: str) -> bool:

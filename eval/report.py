@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cat_foundations.atomic import atomic_write_text
+from cat_foundations.hardware import cpu_model_name
 from cat_foundations.ratios import RATIOS
 from eval.metrics import format_metric
 from eval.recon import ADAPTIVE, CALIBRATED, FIXED_REFERENCE
@@ -67,13 +68,7 @@ def device_info(device: str) -> dict:
     info = {"device": device, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_model_name()
     info["cpu_count"] = os.cpu_count()
     return info
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,13 @@ from cat_foundations import cache
 from cat_foundations.atomic import atomic_write_json, read_jsonl, write_jsonl
 from cat_foundations.captions import clean_caption
 from cat_foundations.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, FatalError, run_cli
-from cat_foundations.hardware import bf16_is_native, cpu_flags, cpu_has_native_bf16, mixed_precision_for
+from cat_foundations.hardware import (
+    bf16_is_native,
+    cpu_flags,
+    cpu_has_native_bf16,
+    cpu_model_name,
+    mixed_precision_for,
+)
 from cat_foundations.ratios import RATIOS, latent_size, tokens_for
 from nested_vae import RATIOS as VAE_RATIOS
 from nested_vae import NestedVAE
@@ -177,3 +185,17 @@ def test_bf16_is_native_on_gpus_and_on_cpus_that_have_it():
 def test_native_bf16_means_the_cpu_has_the_bf16_instructions():
     """AVX-512 without AVX512-BF16 emulates bf16 (oneDNN calls it supported there): that is not native."""
     assert cpu_has_native_bf16() == bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.skipif(
+    shutil.which("lscpu") is None, reason="util-linux's lscpu is the independent reader compared against"
+)
+def test_cpu_model_name_is_the_one_lscpu_reports():
+    """Results record which CPU measured them; lscpu reads the same name its own way."""
+    listing = subprocess.run(
+        ["lscpu"], capture_output=True, text=True, check=True, env={**os.environ, "LC_ALL": "C"}
+    ).stdout
+    names = [line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("Model name:")]
+    if not names:
+        pytest.skip("lscpu reports no model name on this CPU")
+    assert cpu_model_name() == names[0]

@@ -37,7 +37,7 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, or ``platform.processor()`` where Linux's file is missing."""
+    """The CPU's model name from /proc/cpuinfo, or ``platform.processor()`` where that file names none."""
     names = _cpuinfo_values("model name")
     return names[0] if names else platform.processor()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cat_foundations.atomic import iter_json_lines
 from nested_vae.data import read_ratio_labels
 from nested_vae.ratio_labels import QualityBar, labels_from_targets
 from nested_vae.train import load_config
@@ -50,7 +51,7 @@ def test_shipped_ratio_labels_cover_exactly_the_training_split():
     # ratio meeting one LPIPS bar in its route_targets.json. The bar is the recipe's choice, so it is
     # recovered from the labels, not repeated here: if any bar gives these labels, so does the tightest
     # one, the largest LPIPS among images labelled coarser than 8x (plus the labels' rounding, 1e-5).
-    records = [json.loads(line) for line in (REPO_ROOT / config.data.ratio_labels).read_text().splitlines()]
+    records = [record for _, record in iter_json_lines(REPO_ROOT / config.data.ratio_labels)]
     tightest = max(record["lpips"][str(record["ratio"])] for record in records if record["ratio"] > 8)
     targets = REPO_ROOT / config.init_from / "route_targets.json"
     oracle = labels_from_targets(targets, QualityBar.parse(f"lpips<={tightest + 1e-5}"), subset="train")

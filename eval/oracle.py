@@ -7,7 +7,9 @@ budgets in units of the token steps), so the oracle at a budget is the true opti
 fixed 16x at 16x's tokens, and "fewest tokens to match" is monotone. :func:`greedy_upgrades` --
 start at 32x, repeatedly make the upgrade with the best gain per extra token that still fits --
 is kept for comparison: it is optimal except at knapsack corners (e.g. four images back to 32x
-to pay for one 16x -> 8x). :func:`oracle_row` compares the oracle with fixed 16x (``cat-bench headroom``).
+to pay for one 16x -> 8x). :func:`oracle_row` compares the oracle with fixed 16x (``cat-bench headroom``),
+and :func:`coarsest_gap_to_close` says how much better the 32x exit must get before the oracle saves
+the target share of tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from eval.recon import LOWER_IS_BETTER
 
 COARSE_FIRST = tuple(sorted(RATIOS, reverse=True))  # oracle levels: 32, 16, 8
 REFERENCE = 16
+TARGET_SAVING_PCT = 35.0  # issue #16: the oracle matches fixed 16x with >= 35 % fewer tokens
 
 
 def greedy_upgrades(quality: np.ndarray, tokens: np.ndarray, budget: float | None = None):
@@ -114,7 +117,63 @@ class Frontier:
         return [self.mean_tokens(int(u)) for u in corners], means.tolist()
 
 
-def oracle_row(values: np.ndarray, tokens: np.ndarray, metric: str, budget: float | None) -> dict:
+def fewest_tokens_to_match_16x(frontier: Frontier, quality: np.ndarray, tokens: np.ndarray):
+    """Fewest mean tokens with which the oracle matches fixed 16x's mean quality, and the % saved
+    against fixed 16x's tokens (``(None, None)``: never). ``quality`` as :class:`Frontier`'s."""
+    reference = COARSE_FIRST.index(REFERENCE)
+    fewest = frontier.fewest_tokens(float(quality[:, reference].mean()))
+    if fewest is None:
+        return None, None
+    return fewest, 100.0 * (1 - fewest / float(tokens[:, reference].mean()))
+
+
+def coarsest_gap_to_close(
+    quality: np.ndarray, tokens: np.ndarray, target_saving_pct: float, tolerance: float = 1e-3
+) -> float | None:
+    """The share of every image's quality gap between 32x and 16x that the 32x exit must close for the
+    oracle to match fixed 16x with ``target_saving_pct`` % fewer tokens.
+
+    What a better 32x exit is worth to routing: 0 means the exits already allow the saving; 0.8 means
+    each image's 32x result must come within a fifth of its 16x result (its 16x and 8x results as
+    they are). The gap is closed uniformly, only where 32x is worse than 16x, so the saving grows
+    with the share and bisection finds the smallest one (to ``tolerance``).
+
+    Args:
+        quality: ``(N, L)`` per image and level, higher is better, COARSE_FIRST order (32x, 16x, 8x).
+        tokens: ``(N, L)`` tokens per image and level, in the same order.
+        target_saving_pct: the token saving to reach (the issue's target: 35).
+        tolerance: precision of the returned share.
+
+    Returns:
+        The share in [0, 1], or None when even a 32x exit as good as 16x misses the target.
+    """
+    reference = COARSE_FIRST.index(REFERENCE)
+    gap = np.maximum(quality[:, reference] - quality[:, 0], 0.0)
+
+    def reaches(share: float) -> bool:
+        closed = quality.copy()
+        closed[:, 0] += share * gap
+        saving = fewest_tokens_to_match_16x(Frontier(closed, tokens), closed, tokens)[1]
+        return saving is not None and saving >= target_saving_pct - 1e-9
+
+    if reaches(0.0):
+        return 0.0
+    if not reaches(1.0):
+        return None
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (low, middle) if reaches(middle) else (middle, high)
+    return high
+
+
+def oracle_row(
+    values: np.ndarray,
+    tokens: np.ndarray,
+    metric: str,
+    budget: float | None,
+    target_saving_pct: float = TARGET_SAVING_PCT,
+) -> dict:
     """Oracle vs fixed 16x for one metric; ``values`` ``(N, L)`` in COARSE_FIRST order, the metric's units."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     quality, reference, rows = sign * values, COARSE_FIRST.index(REFERENCE), np.arange(len(values))
@@ -124,7 +183,7 @@ def oracle_row(values: np.ndarray, tokens: np.ndarray, metric: str, budget: floa
     level = frontier.allocate(budget)
     oracle = float(values[rows, level].mean())
     greedy = float(values[rows, greedy_upgrades(quality, tokens, budget * len(values))[0]].mean())
-    fewest = frontier.fewest_tokens(sign * fixed)
+    fewest, saving = fewest_tokens_to_match_16x(frontier, quality, tokens)
     curve_tokens, curve_quality = frontier.curve()
     row = {
         "budget_mean_tokens": budget,
@@ -136,7 +195,9 @@ def oracle_row(values: np.ndarray, tokens: np.ndarray, metric: str, budget: floa
         "gain": sign * (oracle - fixed),
         "greedy_oracle": greedy,  # greedy by gain per token, for comparison (misses knapsack corners)
         "fewest_mean_tokens": fewest,
-        "fewest_saving_pct": None if fewest is None else 100.0 * (1 - fewest / fixed_tokens),
+        "fewest_saving_pct": saving,
+        "target_saving_pct": target_saving_pct,
+        "gap_32x_to_close": coarsest_gap_to_close(quality, tokens, target_saving_pct),
         "frontier": {"mean_tokens": curve_tokens, "mean": [sign * q for q in curve_quality]},
     }
     if metric in LOWER_IS_BETTER:

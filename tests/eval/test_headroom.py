@@ -15,7 +15,7 @@ from eval.cli import main
 from eval.engine import reconstruct
 from eval.headroom import HeadroomSettings, ShortcutCodec, measure
 from eval.metrics import psnr_per_image
-from eval.oracle import COARSE_FIRST, Frontier, greedy_upgrades, oracle_row
+from eval.oracle import COARSE_FIRST, Frontier, coarsest_gap_to_close, greedy_upgrades, oracle_row
 from nested_vae import NestedVAE, NestedVAEConfig
 from nested_vae.shortcuts import PixelShortcut
 
@@ -136,6 +136,40 @@ def test_fewest_tokens_with_a_skipped_16x():
     row = oracle_row(np.array([[0.578, 0.574, 0.504]]), np.array([[4.0, 16.0, 64.0]]), "lpips", None)
     assert row["fewest_mean_tokens"] == pytest.approx(16.0) and row["oracle"] == pytest.approx(0.574)
     assert row["frontier"]["mean_tokens"] == [4.0, 16.0, 64.0]
+
+
+def _close_gap(quality: np.ndarray, share: float) -> np.ndarray:
+    closed = quality.copy()
+    closed[:, 0] += share * np.maximum(quality[:, 1] - quality[:, 0], 0.0)
+    return closed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gap_to_close_is_the_smallest_share_that_reaches_the_target(seed):
+    rng = np.random.default_rng(seed)
+    sixteen = rng.uniform(20, 30, 30)  # PSNR-like: 32x below 16x by 1-6 dB, 8x above by 2-6 dB
+    quality = np.stack([sixteen - rng.uniform(1, 6, 30), sixteen, sixteen + rng.uniform(2, 6, 30)], axis=1)
+    assert oracle_row(quality, _tokens(30), "psnr", None)["fewest_saving_pct"] < 35
+    share = coarsest_gap_to_close(quality, _tokens(30), 35.0, tolerance=1e-3)
+    assert 0 < share <= 1
+    reached = oracle_row(_close_gap(quality, share), _tokens(30), "psnr", None)["fewest_saving_pct"]
+    short = oracle_row(_close_gap(quality, share - 2e-3), _tokens(30), "psnr", None)["fewest_saving_pct"]
+    assert reached >= 35 > short
+
+
+def test_identical_images_need_their_whole_32x_gap_closed():
+    # One image at 8x costs as many tokens as four moved to 32x save: eight identical images can only
+    # save 35 % by sending four to 32x, which keeps 16x's mean only if 32x is as good as 16x.
+    quality = np.tile([0.0, 1.0, 4.0], (8, 1))
+    assert coarsest_gap_to_close(quality, _tokens(8), 35.0) == pytest.approx(1.0)
+    assert coarsest_gap_to_close(quality, _tokens(8), 80.0) is None  # above all-32x's 75 %
+
+
+def test_no_gap_to_close_when_half_the_images_are_free_at_32x():
+    quality = np.array([[1.0, 1.0, 1.0]] * 4 + [[0.0, 1.0, 3.0]] * 4)  # 4 x 64 + 4 x 256 = 37.5 % fewer
+    assert coarsest_gap_to_close(quality, _tokens(8), 35.0) == 0.0
+    row = oracle_row(-quality, _tokens(8), "lpips", None)  # lower is better: the same table negated
+    assert row["gap_32x_to_close"] == 0.0 and row["fewest_saving_pct"] == pytest.approx(37.5)
 
 
 # --------------------------------------------------------------------------------------------
